@@ -1,0 +1,124 @@
+"""The unified record every dataset reader yields, and the bad-input accounting.
+
+A reader never drops an input silently: it either raises `BadInputError` (strict mode)
+or counts the skip under a reason in a `SkipCounter`, which the run reports at the end.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Any, Mapping, Sequence
+
+MEDIA_TYPES = ("image", "video", "frames", "pixels")
+
+
+class BadInputError(ValueError):
+  """An input file or record that cannot be used; the message names the file and reason."""
+
+  def __init__(self, reason: str, path: str | None = None, detail: str = ""):
+    self.reason = reason
+    self.path = path
+    self.detail = detail
+    where = f" [{path}]" if path else ""
+    more = f": {detail}" if detail else ""
+    super().__init__(f"{reason}{where}{more}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One labelled sample or instruction conversation, independent of the source layout.
+
+  Attributes:
+    dataset: 'rafdb', 'affectnet', 'ferplus', 'dfew', 'ferv39k', 'mafw', 'ferid',
+      'synthetic', ...
+    split: 'train' | 'test' | 'val'.
+    id: stable sample id inside the dataset (file stem, clip number, row index).
+    media: a path (image or video file), or a tuple of frame paths (frame folders).
+      Empty string for FERPlus pixel rows (see `pixels`).
+    media_type: one of MEDIA_TYPES.
+    label: the dataset's own class name, lower case (None for free-form instructions).
+    fold: 1-based fold for k-fold protocols (DFEW, MAFW), else None.
+    crop_box: (x, y, w, h) face box in pixels when the layout gives one (AffectNet).
+    landmarks: flat (x0, y0, x1, y1, ...) when the layout gives them.
+    pixels: uint8 [H, W] image held inline (FERPlus CSV).
+    conversations: LLaVA-style turns [{'from': 'human'|'gpt', 'value': str}, ...].
+    extra: anything else a reader wants to pass on (votes, valence, scene, ...).
+  """
+
+  dataset: str
+  split: str
+  id: str
+  media: str | tuple[str, ...]
+  media_type: str
+  label: str | None = None
+  fold: int | None = None
+  crop_box: tuple[float, float, float, float] | None = None
+  landmarks: tuple[float, ...] | None = None
+  pixels: Any = None
+  conversations: tuple[Mapping[str, str], ...] | None = None
+  extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.media_type not in MEDIA_TYPES:
+      raise ValueError(f"media_type must be one of {MEDIA_TYPES}, got {self.media_type!r}")
+
+
+class SkipCounter:
+  """Counts skipped inputs per reason (thread-safe); `strict` turns a skip into an error."""
+
+  def __init__(self, strict: bool = False, max_examples: int = 5):
+    self.strict = strict
+    self.max_examples = max_examples
+    self._counts: collections.Counter[str] = collections.Counter()
+    self._examples: dict[str, list[str]] = collections.defaultdict(list)
+    self._lock = threading.Lock()
+
+  def skip(self, reason: str, path: str | None = None, detail: str = "") -> None:
+    """Records one skip, or raises BadInputError when strict."""
+    if self.strict:
+      raise BadInputError(reason, path, detail)
+    with self._lock:
+      self._counts[reason] += 1
+      if len(self._examples[reason]) < self.max_examples:
+        self._examples[reason].append(f"{path or '?'}{': ' + detail if detail else ''}")
+
+  def merge(self, other: "SkipCounter | Mapping[str, int]") -> None:
+    counts = other.counts if isinstance(other, SkipCounter) else dict(other)
+    with self._lock:
+      self._counts.update(counts)
+
+  @property
+  def counts(self) -> dict[str, int]:
+    with self._lock:
+      return dict(self._counts)
+
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
+
+  def report(self) -> str:
+    """A human-readable summary, e.g. for the end of a run."""
+    counts = self.counts
+    if not counts:
+      return "skipped inputs: none"
+    lines = [f"skipped inputs: {sum(counts.values())}"]
+    for reason, n in sorted(counts.items()):
+      examples = "; ".join(self._examples.get(reason, []))
+      lines.append(f"  {reason}: {n}" + (f" (e.g. {examples})" if examples else ""))
+    return "\n".join(lines)
+
+
+def check_inside_root(root: str, path: str) -> str:
+  """Returns the resolved path, raising BadInputError if it escapes `root`."""
+  import os
+
+  root_real = os.path.realpath(root)
+  full = os.path.realpath(os.path.join(root_real, path))
+  if os.path.commonpath([root_real, full]) != root_real:
+    raise BadInputError("path_escapes_root", path, f"resolves outside {root_real}")
+  return full
+
+
+def as_tuple(xs: Sequence[Any] | None) -> tuple[Any, ...] | None:
+  return None if xs is None else tuple(xs)
