@@ -1,0 +1,42 @@
+"""Scaled dot-product attention with grouped KV heads (GQA / MQA) and fp32 softmax."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def make_attention_mask(key_valid: jax.Array, query_slots: jax.Array, num_keys: int) -> jax.Array:
+  """Boolean [B, T, S] mask: key slot s is visible from query t iff it is valid and s <= slot(t).
+
+  key_valid: [B, S] (nonzero = real token); query_slots: [T] or [B, T] absolute slot index of
+  each query in the key sequence (causality is by slot, so left padding works).
+  """
+  key_slots = jnp.arange(num_keys)
+  if query_slots.ndim == 1:
+    query_slots = query_slots[None]
+  causal = key_slots[None, None, :] <= query_slots[:, :, None]
+  return causal & (key_valid[:, None, :] != 0)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          *, scale: float | None = None) -> jax.Array:
+  """q: [B, T, H, d], k/v: [B, S, K, d] with H % K == 0, mask: bool [B, T, S].
+
+  Scores and softmax in fp32 (our choice, as HF). Masked scores get the most negative finite
+  fp32 value instead of -inf, so a query that sees no key (a left-padding slot) yields a finite
+  uniform average rather than NaN; such outputs are meaningless and must be masked downstream.
+  Returns [B, T, H, d] in v's dtype.
+  """
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  if h % kh:
+    raise ValueError(f"num heads {h} is not a multiple of num kv heads {kh}")
+  scale = d ** -0.5 if scale is None else scale
+  qg = q.reshape(b, t, kh, h // kh, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  scores = scores * scale
+  big_neg = jnp.finfo(jnp.float32).min
+  scores = jnp.where(mask[:, None, None, :, :], scores, big_neg)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
