@@ -1,0 +1,106 @@
+"""The pure train step: grads of a token-summed loss, accumulated over micro-batches.
+
+`train_step(graphdef, tx, loss_fn, state, frozen, batch)` is a pure function of its
+arrays; `jit_train_step` jits it with explicit in/out shardings and donates the state.
+
+The loss function is `loss_fn(model, batch) -> (loss_sum, weight)`: the *sum* of the
+per-token losses and the number of loss tokens. The step divides the summed gradient of
+all micro-batches by the total weight, so N micro-batches give exactly the gradient of
+one step on the whole batch (mean over all loss tokens of the global batch), whatever
+the padding per micro-batch. Micro-batch i takes rows i, i+N, i+2N, ... so a batch
+sharded contiguously over devices needs no data movement to be split.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from emo_jax.train.state import TrainState
+
+LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, jax.Array]]
+
+
+def _cast_floats(tree: Any, dtype) -> Any:
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def split_micro(batch: dict, n: int) -> dict:
+  """[B, ...] -> [n, B/n, ...] with micro-batch i = rows i::n."""
+  def f(x):
+    b = x.shape[0]
+    if b % n:
+      raise ValueError(f"batch size {b} is not divisible by accum_steps {n}")
+    return jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1)
+  return jax.tree.map(f, batch)
+
+
+def train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
+               state: TrainState, frozen, batch: dict, *, accum_steps: int = 1,
+               compute_dtype=None) -> tuple[TrainState, dict]:
+  """One optimizer step. Returns (new_state, metrics with loss, grad_norm, tokens)."""
+
+  def micro_loss(params, rngs, micro):
+    model = nnx.merge(graphdef, _cast_floats(params, compute_dtype), rngs,
+                      _cast_floats(frozen, compute_dtype))
+    loss_sum, weight = loss_fn(model, micro)
+    new_rngs = nnx.state(model, nnx.RngState)
+    return loss_sum.astype(jnp.float32), (weight.astype(jnp.float32), new_rngs)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  if accum_steps == 1:
+    (loss_sum, (weight, rngs)), grads = grad_fn(state.params, state.rngs, batch)
+  else:
+    micro = split_micro(batch, accum_steps)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+    def body(carry, mb):
+      g_acc, l_acc, w_acc, rngs = carry
+      (l, (w, rngs)), g = grad_fn(state.params, rngs, mb)
+      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, w_acc + w, rngs), None
+
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), state.rngs)
+    (grads, loss_sum, weight, rngs), _ = jax.lax.scan(body, init, micro)
+
+  denom = jnp.maximum(weight, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            rngs=rngs)
+  return new_state, {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": weight}
+
+
+def jit_train_step(graphdef, tx, loss_fn: LossFn, *, state_shardings=None,
+                   frozen_shardings=None, batch_sharding=None, accum_steps: int = 1,
+                   compute_dtype=None, donate: bool = True):
+  """jax.jit of `train_step` over (state, frozen, batch) with explicit shardings.
+
+  With all shardings None it runs unsharded (default device). The state is donated.
+  """
+  fn = functools.partial(train_step, graphdef, tx, loss_fn, accum_steps=accum_steps,
+                         compute_dtype=compute_dtype)
+  kw = {}
+  if state_shardings is not None:
+    kw["in_shardings"] = (state_shardings, frozen_shardings, batch_sharding)
+    kw["out_shardings"] = (state_shardings, None)
+  return jax.jit(fn, donate_argnums=(0,) if donate else (), **kw)
+
+
+def token_ce_sum(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Next-token cross entropy summed over positions with loss_mask (batch contract:
+  loss at t uses the logits at t-1). fp32. Returns (sum, count)."""
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = jnp.maximum(input_ids[:, 1:], 0)
+  mask = loss_mask[:, 1:].astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(ce * mask), jnp.sum(mask)
