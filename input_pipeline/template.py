@@ -1,0 +1,244 @@
+"""The `vicuna_v1` conversation template: prompt text, token ids, visual slots, loss mask.
+
+Facts (LLaVA / LLaMA-VID `conv_vicuna_v1`, separator style TWO): the prompt is
+  "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>..."
+with BOS first; the `<image>` placeholder is moved to the front of the first user turn
+as "<image>\\n{question}" (LLaVA's preprocess_multimodal); the text chunks around the
+placeholder are tokenised separately, each with SentencePiece's dummy prefix (LLaVA's
+tokenizer_image_token); "</s>" is the EOS id, and text after it starts a new chunk.
+
+Our choices (the EMO-LLaMA code is not public):
+- Ids are built chunk by chunk, so the loss mask is exact by construction: 1 exactly on
+  each assistant answer's tokens and the EOS that ends it, 0 elsewhere (system prompt,
+  role tags, questions, visual slots). Chunks are cut at single spaces, where
+  SentencePiece (split_by_whitespace) cuts anyway, so the ids equal those of
+  tokenising the rendered prompt in its '<image>'/'</s>' chunks.
+- The placeholder becomes `num_visual_slots` copies of IMAGE_TOKEN_ID (-200)
+  (docs/INTERFACES.md "The batch").
+- The AGR sentence (age/gender/race, EMO-LLaMA) goes right after the placeholder line,
+  before the first question: "<image>\\n{agr} {question}".
+- Truncation to `max_length` never cuts the visual slots: it first drops whole rounds
+  (training: from the end; generation prompts: the middle ones, keeping the first and
+  the asked one), then trims the first question's text from its end, then the first
+  answer's tail. If the system prompt, role tags and slots alone do not fit, it raises
+  ValueError (a config error, not a bad input).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+from input_pipeline.records import BadInputError
+
+IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN_ID = -200  # docs/INTERFACES.md; LLaVA's IMAGE_TOKEN_INDEX.
+
+
+class TextTokenizer(Protocol):
+  bos_id: int
+  eos_id: int
+  pad_id: int
+
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversationTemplate:
+  """A two-role chat template with separator style TWO (answers end with EOS)."""
+  name: str
+  system: str
+  user: str
+  assistant: str
+  sep: str = " "
+
+
+VICUNA_V1 = ConversationTemplate(
+    name="vicuna_v1",
+    system=("A chat between a curious user and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the user's "
+            "questions."),
+    user="USER",
+    assistant="ASSISTANT",
+)
+
+TEMPLATES: dict[str, ConversationTemplate] = {VICUNA_V1.name: VICUNA_V1}
+
+
+def get_template(name: str) -> ConversationTemplate:
+  try:
+    return TEMPLATES[name]
+  except KeyError:
+    raise KeyError(f"unknown conversation template {name!r}; known: {sorted(TEMPLATES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+  question: str
+  answer: str | None  # None: the question awaits generation.
+
+
+def parse_turns(turns: Sequence[Mapping[str, str]], *, path: str | None = None) -> list[Round]:
+  """LLaVA `conversations` -> rounds; BadInputError('malformed_conversation') if invalid.
+
+  Turns must alternate human, gpt, human, ... starting with human; a final human turn
+  without answer is a generation prompt. Role names 'user'/'assistant' are accepted too.
+  """
+  roles = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+  if not turns:
+    raise BadInputError("malformed_conversation", path, "no turns")
+  rounds: list[Round] = []
+  for i, turn in enumerate(turns):
+    if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
+      raise BadInputError("malformed_conversation", path, f"turn {i} lacks 'from'/'value'")
+    role = roles.get(str(turn["from"]).lower())
+    want = "human" if i % 2 == 0 else "gpt"
+    if role != want:
+      raise BadInputError("malformed_conversation", path,
+                          f"turn {i} is from {turn['from']!r}, expected {want}")
+    if not isinstance(turn["value"], str):
+      raise BadInputError("malformed_conversation", path, f"turn {i} value is not text")
+    if role == "human":
+      rounds.append(Round(turn["value"], None))
+    else:
+      rounds[-1] = Round(rounds[-1].question, turn["value"].strip())
+  n_images = sum(r.question.count(IMAGE_TOKEN) for r in rounds)
+  if n_images > 1:
+    raise BadInputError("malformed_conversation", path,
+                        f"{n_images} {IMAGE_TOKEN} placeholders; one visual input is supported")
+  if any(r.answer is None for r in rounds[:-1]):
+    raise BadInputError("malformed_conversation", path, "an unanswered turn before the last")
+  return rounds
+
+
+def _split_first_question(question: str, agr_sentence: str | None) -> str:
+  """The first question without placeholder, with the AGR sentence in front."""
+  text = question.replace(IMAGE_TOKEN, "").strip()
+  if agr_sentence:
+    text = f"{agr_sentence.strip()} {text}".strip()
+  return text
+
+
+def render_prompt(rounds: Sequence[Round], template: ConversationTemplate = VICUNA_V1,
+                  *, agr_sentence: str | None = None) -> str:
+  """The prompt as text, '<image>' and '</s>' spelled out (for reading and for tests)."""
+  t = template
+  parts = []
+  for i, r in enumerate(rounds):
+    q = r.question.strip()
+    if i == 0:
+      q = f"{IMAGE_TOKEN}\n{_split_first_question(r.question, agr_sentence)}"
+      parts.append(f"{t.system}{t.sep}")
+    parts.append(f"{t.user}: {q}{t.sep}{t.assistant}:")
+    if r.answer is not None:
+      parts.append(f" {r.answer}</s>")
+  return "".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+  """One conversation as ids. Arrays are int32 [T]."""
+  input_ids: np.ndarray
+  loss_mask: np.ndarray
+  image_start: int  # position of the first visual slot
+  num_rounds: int  # rounds kept after truncation
+  truncated: bool
+
+
+# Segment kinds: which ones carry loss, and which may be trimmed.
+_FIXED, _SLOTS, _QUESTION, _ANSWER = "fixed", "slots", "question", "answer"
+
+
+def tokenize_conversation(
+    turns: Sequence[Mapping[str, str]] | Sequence[Round],
+    tokenizer: TextTokenizer,
+    *,
+    num_visual_slots: int,
+    max_length: int,
+    template: ConversationTemplate = VICUNA_V1,
+    agr_sentence: str | None = None,
+    path: str | None = None,
+) -> Tokenized:
+  """Ids and loss mask of a (multi-turn) conversation with its visual slots.
+
+  Args:
+    turns: LLaVA `conversations` (or parsed rounds). The first user turn gets the
+      placeholder; a final unanswered user turn makes a generation prompt ending in
+      "ASSISTANT:".
+    tokenizer: a LlamaTokenizer (or anything with encode/bos_id/eos_id).
+    num_visual_slots: F_max * tokens_per_frame.
+    max_length: the longest allowed sequence, slots included.
+    template: the conversation template.
+    agr_sentence: optional age/gender/race sentence put into the first user turn.
+    path: for error messages.
+  """
+  rounds = list(turns) if turns and isinstance(turns[0], Round) else parse_turns(turns, path=path)
+  t = template
+  enc = tokenizer.encode
+
+  # Per round: a list of [kind, ids] segments.
+  per_round: list[list[list]] = []
+  for i, r in enumerate(rounds):
+    segs: list[list] = []
+    if i == 0:
+      # Chunk before the placeholder: BOS + "{system} USER: " (ends in a '▁' token).
+      segs.append([_FIXED, [tokenizer.bos_id] + enc(f"{t.system}{t.sep}{t.user}: ")])
+      segs.append([_SLOTS, [IMAGE_TOKEN_ID] * num_visual_slots])
+      segs.append([_QUESTION, enc("\n" + _split_first_question(r.question, agr_sentence))])
+      segs.append([_FIXED, enc(f"{t.assistant}:")])
+    else:
+      segs.append([_FIXED, enc(f"{t.user}:")])
+      segs.append([_QUESTION, enc(r.question.strip())])
+      segs.append([_FIXED, enc(f"{t.assistant}:")])
+    if r.answer is not None:
+      segs.append([_ANSWER, enc(r.answer) + [tokenizer.eos_id]])
+    per_round.append(segs)
+
+  def total(rs):
+    return sum(len(ids) for segs in rs for _, ids in segs)
+
+  truncated = False
+  generation = rounds[-1].answer is None
+  while total(per_round) > max_length and len(per_round) > (2 if generation else 1):
+    del per_round[-2 if generation else -1]  # keep round 0 (and the asked round)
+    truncated = True
+  # Trim text of the first round: its question, then its answer (never slots).
+  for kind in (_QUESTION, _ANSWER):
+    excess = total(per_round) - max_length
+    if excess <= 0:
+      break
+    for seg in per_round[0]:
+      if seg[0] == kind and excess > 0:
+        cut = min(excess, len(seg[1]))
+        seg[1] = seg[1][:len(seg[1]) - cut]
+        excess -= cut
+        truncated = True
+  if total(per_round) > max_length:
+    raise ValueError(
+        f"max_length={max_length} cannot hold the prompt's fixed text and "
+        f"{num_visual_slots} visual slots ({total(per_round)} tokens after trimming)")
+
+  ids: list[int] = []
+  mask: list[int] = []
+  image_start = -1
+  for segs in per_round:
+    for kind, seg_ids in segs:
+      if kind == _SLOTS:
+        image_start = len(ids)
+      ids.extend(seg_ids)
+      mask.extend([1 if kind == _ANSWER else 0] * len(seg_ids))
+  return Tokenized(
+      input_ids=np.asarray(ids, np.int32),
+      loss_mask=np.asarray(mask, np.int32),
+      image_start=image_start,
+      num_rounds=len(per_round),
+      truncated=truncated,
+  )
+
+
+def first_question(turns: Sequence[Mapping[str, str]] | Sequence[Round]) -> str:
+  """The first user question without placeholder (the Q-Former's text input)."""
+  rounds = list(turns) if turns and isinstance(turns[0], Round) else parse_turns(turns)
+  return _split_first_question(rounds[0].question, None)

@@ -1,0 +1,254 @@
+"""LLaMA SentencePiece + BERT WordPiece tokenizers, the vicuna_v1 template, instructions."""
+import pickle
+import random
+
+import numpy as np
+import pytest
+
+from input_pipeline import instructions, labels, template, tokenizers
+from input_pipeline.records import BadInputError, Record
+
+_WORDS = ("the a person face image video what is facial expression of in choose one from "
+          "following options happy sad angry surprise fear disgust neutral contempt happiness "
+          "sadness anger anxiety chat between curious user and artificial intelligence "
+          "assistant gives helpful detailed polite answers to questions looks smiling brows "
+          "raised mouth open eyes wide she he they USER ASSISTANT").split()
+
+
+def train_sentencepiece(path, seed=0, vocab_size=400):
+  """A tiny LLaMA-style BPE model (unk 0, bos 1, eos 2, no pad, byte fallback)."""
+  import sentencepiece as spm
+
+  rng = random.Random(seed)
+  lines = [template.VICUNA_V1.system] * 5
+  for _ in range(500):
+    n = rng.randint(3, 14)
+    lines.append(" ".join(rng.choice(_WORDS) for _ in range(n)) + rng.choice(".?,:!"))
+  prefix = str(path / "tokenizer")
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size,
+      model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+      normalization_rule_name="identity", remove_extra_whitespaces=False,
+      add_dummy_prefix=True, split_digits=True, character_coverage=1.0, minloglevel=2)
+  return prefix + ".model"
+
+
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "is", "the", "facial",
+              "expression", "of", "person", "in", "image", "video", "?", ".", ",", "{", "}",
+              ":", "choose", "one", "from", "following", "options", "happy", "sad", "##ness",
+              "surprise", "##d", "fear", "##ful", "a", "face", "cafe", "un", "##known"]
+
+
+@pytest.fixture(scope="module")
+def llama_tok(tmp_path_factory):
+  return tokenizers.LlamaTokenizer(train_sentencepiece(tmp_path_factory.mktemp("sp")))
+
+
+@pytest.fixture(scope="module")
+def bert_vocab(tmp_path_factory):
+  path = tmp_path_factory.mktemp("bert") / "vocab.txt"
+  path.write_text("\n".join(BERT_VOCAB) + "\n")
+  return str(path)
+
+
+def test_llama_tokenizer_ids_and_pickle(llama_tok):
+  assert (llama_tok.bos_id, llama_tok.eos_id, llama_tok.unk_id) == (1, 2, 0)
+  assert llama_tok.pad_id == 0  # no pad in the model -> unk
+  text = "What is the facial expression? happy"
+  ids = llama_tok.encode(text, add_bos=True, add_eos=True)
+  assert ids[0] == 1 and ids[-1] == 2 and 1 not in ids[1:-1]
+  assert llama_tok.decode(ids) == text
+  # '</s>' typed in text stays text (no injected EOS).
+  assert llama_tok.eos_id not in llama_tok.encode("a</s>b")
+  clone = pickle.loads(pickle.dumps(llama_tok))
+  assert clone.encode(text) == llama_tok.encode(text)
+
+
+@pytest.mark.parametrize("text", [
+    "What is the facial expression of the person in the image?",
+    "Choose one from the following options: {Happy, SADNESS, surprised, fearful}.",
+    "Café unknown  words, Ünknown!", ""])
+def test_bert_wordpiece_matches_transformers(bert_vocab, text):
+  from transformers.models.bert import BertTokenizerLegacy
+
+  ref = BertTokenizerLegacy(vocab_file=bert_vocab, do_lower_case=True)
+  ours = tokenizers.BertTokenizer(bert_vocab)
+  assert ours.encode(text) == ref(text)["input_ids"]
+  ids, mask = ours.encode_padded(text, 8)
+  want = ref(text, max_length=8, truncation=True, padding="max_length")
+  np.testing.assert_array_equal(ids, want["input_ids"])
+  np.testing.assert_array_equal(mask, want["attention_mask"])
+  assert pickle.loads(pickle.dumps(ours)).encode(text) == ours.encode(text)
+
+
+def _reference_ids_and_mask(tok, prompt, answers, num_slots):
+  """Tokenises the rendered prompt in its '<image>' / '</s>' chunks with SentencePiece's own
+  character offsets; a token is an answer token iff its span lies inside ' {answer}'."""
+  spans = []  # answer char spans [space before answer, end of answer)
+  pos = 0
+  for a in answers:
+    s = prompt.index(f" {a}</s>", pos)
+    spans.append((s, s + 1 + len(a)))
+    pos = s + 1 + len(a)
+  ids, mask = [tok.bos_id], [0]
+  offset = 0
+  for i, image_chunk in enumerate(prompt.split(template.IMAGE_TOKEN)):
+    if i:
+      ids += [template.IMAGE_TOKEN_ID] * num_slots
+      mask += [0] * num_slots
+      offset += len(template.IMAGE_TOKEN)
+    for j, chunk in enumerate(image_chunk.split("</s>")):
+      if j:
+        ids.append(tok.eos_id)
+        mask.append(1)
+        offset += len("</s>")
+      if chunk:
+        for tid, b, e in tok.encode_with_offsets(chunk):
+          ids.append(tid)
+          mask.append(int(any(s <= offset + b and offset + e <= t for s, t in spans)))
+      offset += len(chunk)
+  return ids, mask
+
+
+CONV = [
+    {"from": "human", "value": "What is the facial expression of the person in the image? <image>"},
+    {"from": "gpt", "value": "happy, she looks happy."},
+    {"from": "human", "value": "Why?"},
+    {"from": "gpt", "value": "mouth open and brows raised"},
+    {"from": "human", "value": "choose one: sad, anger"},
+    {"from": "gpt", "value": "sadness"},
+]
+
+
+@pytest.mark.parametrize("agr", [None, "She looks about 20 to 29 years old."])
+def test_loss_mask_exactly_on_answers_multiturn(llama_tok, agr):
+  slots = 6
+  out = template.tokenize_conversation(CONV, llama_tok, num_visual_slots=slots,
+                                       max_length=1000, agr_sentence=agr)
+  rounds = template.parse_turns(CONV)
+  prompt = template.render_prompt(rounds, agr_sentence=agr)
+  assert prompt.startswith(template.VICUNA_V1.system + " USER: <image>\n")
+  assert prompt.count("</s>") == 3 and prompt.endswith("ASSISTANT: sadness</s>")
+  ref_ids, ref_mask = _reference_ids_and_mask(llama_tok, prompt, [r.answer for r in rounds], slots)
+  np.testing.assert_array_equal(out.input_ids, ref_ids)  # token by token
+  np.testing.assert_array_equal(out.loss_mask, ref_mask)
+  assert not out.truncated and out.num_rounds == 3
+  ids, mask = out.input_ids, out.loss_mask
+  assert list(ids[out.image_start:out.image_start + slots]) == [template.IMAGE_TOKEN_ID] * slots
+  assert (ids == template.IMAGE_TOKEN_ID).sum() == slots
+  # The masked runs decode to the answers, each ending in EOS.
+  runs, cur = [], []
+  for t, m in zip(ids, mask):
+    if m:
+      cur.append(int(t))
+    elif cur:
+      runs.append(cur)
+      cur = []
+  if cur:
+    runs.append(cur)
+  assert [r[-1] for r in runs] == [llama_tok.eos_id] * 3
+  assert [llama_tok.decode(r[:-1]) for r in runs] == [r.answer for r in rounds]
+  if agr:
+    text = llama_tok.decode(ids[out.image_start + slots:])
+    assert text.startswith("\n" + agr + " What is")
+
+
+def test_generation_prompt_ends_with_assistant(llama_tok):
+  out = template.tokenize_conversation(CONV[:3], llama_tok, num_visual_slots=2, max_length=999)
+  assert llama_tok.decode(out.input_ids).endswith("USER: Why? ASSISTANT:")
+  ref_ids, _ = _reference_ids_and_mask(llama_tok, template.render_prompt(
+      template.parse_turns(CONV[:3])), ["happy, she looks happy."], 2)
+  np.testing.assert_array_equal(out.input_ids, ref_ids)
+  assert out.loss_mask[-5:].sum() == 0
+
+
+def test_truncation_drops_later_rounds_and_keeps_slots(llama_tok):
+  slots = 40
+  full = template.tokenize_conversation(CONV, llama_tok, num_visual_slots=slots, max_length=10**4)
+  one = template.tokenize_conversation(CONV[:2], llama_tok, num_visual_slots=slots,
+                                       max_length=10**4)
+  # Just too short for all three rounds -> the later rounds go, the first stays whole.
+  out = template.tokenize_conversation(CONV, llama_tok, num_visual_slots=slots,
+                                       max_length=len(full.input_ids) - 1)
+  assert out.truncated and out.num_rounds == 2 and len(out.input_ids) <= len(full.input_ids) - 1
+  np.testing.assert_array_equal(out.input_ids[:len(one.input_ids)], one.input_ids)
+  # Shorter than one round: the question text is trimmed, slots and the answer stay.
+  n_answer = int(one.loss_mask.sum())
+  out = template.tokenize_conversation(CONV, llama_tok, num_visual_slots=slots,
+                                       max_length=len(one.input_ids) - 3)
+  assert len(out.input_ids) == len(one.input_ids) - 3 and out.num_rounds == 1
+  assert (out.input_ids == template.IMAGE_TOKEN_ID).sum() == slots
+  assert out.loss_mask.sum() == n_answer and out.input_ids[-1] == llama_tok.eos_id
+  np.testing.assert_array_equal(out.input_ids[:out.image_start + slots],
+                                one.input_ids[:one.image_start + slots])
+  # Impossible: fixed text + slots exceed max_length -> a clear error, never cut slots.
+  with pytest.raises(ValueError, match="visual slots"):
+    template.tokenize_conversation(CONV, llama_tok, num_visual_slots=slots, max_length=slots)
+
+
+def test_generation_prompt_truncation_keeps_the_asked_round(llama_tok):
+  conv = CONV[:5]
+  full = template.tokenize_conversation(conv, llama_tok, num_visual_slots=3, max_length=10**4)
+  out = template.tokenize_conversation(conv, llama_tok, num_visual_slots=3,
+                                       max_length=len(full.input_ids) - 1)
+  assert out.num_rounds == 2
+  assert llama_tok.decode(out.input_ids).endswith("choose one: sad, anger ASSISTANT:")
+
+
+@pytest.mark.parametrize("bad", [
+    [], [{"from": "gpt", "value": "x"}], [{"from": "human"}],
+    [{"from": "human", "value": "<image> a"}, {"from": "human", "value": "b"}],
+    [{"from": "human", "value": "<image> a <image>"}, {"from": "gpt", "value": "b"}],
+])
+def test_malformed_conversations_raise_bad_input(llama_tok, bad):
+  with pytest.raises(BadInputError, match="malformed_conversation"):
+    template.tokenize_conversation(bad, llama_tok, num_visual_slots=1, max_length=100)
+
+
+def test_category_instruction_options_shuffled_per_seed():
+  classes = labels.classes("rafdb")
+  orders = set()
+  for seed in range(6):
+    a = instructions.category_instruction("happiness", classes,
+                                          rng=np.random.default_rng(seed))
+    b = instructions.category_instruction("happiness", classes,
+                                          rng=np.random.default_rng(seed))
+    assert a == b  # deterministic per seed
+    assert sorted(a.options) == sorted(classes)  # all options, each once
+    q = a.conversations[0]["value"]
+    assert q.startswith("<image>\nWhat is the facial expression of the person in the image? "
+                        "Choose one from the following options: {")
+    assert instructions.parse_options(q) == a.options
+    assert a.conversations[1]["value"] == "happiness" == a.options[a.label_index]
+    orders.add(a.options)
+  assert len(orders) > 1  # the seed changes the order
+
+
+def test_category_instruction_synonyms_video_and_eval_order():
+  # DFEW names 'happy'; a label given as a synonym maps onto the dataset's word.
+  inst = instructions.category_instruction("joy", labels.classes("dfew"), media_type="video",
+                                           shuffle=False)
+  assert inst.options == labels.classes("dfew") and inst.label_index == 0
+  assert "in the video?" in inst.conversations[0]["value"]
+  assert inst.conversations[1]["value"] == "happy"
+  with pytest.raises(BadInputError, match="unknown_label"):
+    instructions.category_instruction("bored", labels.classes("dfew"), shuffle=False)
+
+
+def test_instruction_for_record_generated_and_given():
+  rec = Record(dataset="mafw", split="train", id="1", media="x.mp4", media_type="video",
+               label="helplessness")
+  inst = instructions.instruction_for_record(rec, rng=np.random.default_rng(1))
+  assert sorted(inst.options) == sorted(labels.classes("mafw"))
+  assert inst.options[inst.label_index] == "helplessness"
+  # Another dataset's option words: the label maps through synonyms.
+  rec = Record(dataset="dfew", split="train", id="2", media="x.mp4", media_type="video",
+               label="angry")
+  inst = instructions.instruction_for_record(rec, shuffle=False,
+                                             option_names=labels.classes("rafdb"))
+  assert inst.conversations[1]["value"] == "anger"
+  ferid = Record(dataset="ferid", split="train", id="3", media="a.jpg", media_type="image",
+                 conversations=({"from": "human", "value": "<image>\nWhich? {sad, happy}"},
+                                {"from": "gpt", "value": "Happy."}))
+  inst = instructions.instruction_for_record(ferid)
+  assert inst.options == ("sad", "happy") and inst.label_index == 1
