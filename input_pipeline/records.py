@@ -72,7 +72,32 @@ class SkipCounter:
     self.max_examples = max_examples
     self._counts: collections.Counter[str] = collections.Counter()
     self._examples: dict[str, list[str]] = collections.defaultdict(list)
+    self._notes: collections.Counter[str] = collections.Counter()
     self._lock = threading.Lock()
+
+  def __getstate__(self):
+    # Picklable (grain worker processes): the lock is recreated on unpickling.
+    state = dict(self.__dict__)
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def note(self, reason: str, n: int = 1) -> None:
+    """Counts inputs left out *by the dataset's protocol* (never raises, even when strict).
+
+    E.g. AffectNet's 'none'/'uncertain'/'non-face' rows or FERPlus majority-vote 'unknown':
+    the data is fine, the protocol excludes it. Reported apart from the skips.
+    """
+    with self._lock:
+      self._notes[reason] += n
+
+  @property
+  def notes(self) -> dict[str, int]:
+    with self._lock:
+      return dict(self._notes)
 
   def skip(self, reason: str, path: str | None = None, detail: str = "") -> None:
     """Records one skip, or raises BadInputError when strict."""
@@ -85,8 +110,14 @@ class SkipCounter:
 
   def merge(self, other: "SkipCounter | Mapping[str, int]") -> None:
     counts = other.counts if isinstance(other, SkipCounter) else dict(other)
+    notes = other.notes if isinstance(other, SkipCounter) else {}
+    examples = other._examples if isinstance(other, SkipCounter) else {}
     with self._lock:
       self._counts.update(counts)
+      self._notes.update(notes)
+      for reason, ex in examples.items():
+        room = self.max_examples - len(self._examples[reason])
+        self._examples[reason].extend(ex[:max(room, 0)])
 
   @property
   def counts(self) -> dict[str, int]:
@@ -100,12 +131,14 @@ class SkipCounter:
   def report(self) -> str:
     """A human-readable summary, e.g. for the end of a run."""
     counts = self.counts
-    if not counts:
-      return "skipped inputs: none"
-    lines = [f"skipped inputs: {sum(counts.values())}"]
+    lines = [f"skipped inputs: {sum(counts.values()) if counts else 'none'}"]
     for reason, n in sorted(counts.items()):
       examples = "; ".join(self._examples.get(reason, []))
       lines.append(f"  {reason}: {n}" + (f" (e.g. {examples})" if examples else ""))
+    notes = self.notes
+    if notes:
+      lines.append(f"excluded by protocol: {sum(notes.values())}")
+      lines.extend(f"  {reason}: {n}" for reason, n in sorted(notes.items()))
     return "\n".join(lines)
 
 
