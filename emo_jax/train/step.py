@@ -104,3 +104,18 @@ def token_ce_sum(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
   mask = loss_mask[:, 1:].astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def batch_sharding(mesh) -> Any:
+  """Leading (batch) dim over ('data', 'fsdp'); everything else replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def state_and_frozen_shardings(state: TrainState, frozen, mesh, rules):
+  """NamedShardings for a (possibly abstract) TrainState and the frozen state: every
+  Variable by its logical axes (optimizer moments mirror their params), the rest
+  replicated."""
+  from emo_jax import sharding as sharding_lib
+  return (sharding_lib.state_shardings(state, mesh, rules),
+          sharding_lib.state_shardings(frozen, mesh, rules))
