@@ -41,8 +41,9 @@ def json_files(root: str, split: str | None) -> list[str]:
 
 
 def category_label(conversations: list[dict]) -> str | None:
-  """The chosen option of a one-question category instruction, else None."""
-  if len(conversations) != 2:
+  """The option chosen in the first answer when the first question is a category
+  instruction (options in braces), else None. Later turns may be free conversation."""
+  if len(conversations) < 2:
     return None
   m = _OPTIONS.search(conversations[0]["value"])
   if not m:
