@@ -266,7 +266,6 @@ class LlamaModel(nnx.Module):
                               for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.dtype,
                         param_dtype=cfg.param_dtype)
-    self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
                position_ids=None, cache: Cache | None = None):
@@ -307,7 +306,8 @@ class LlamaModel(nnx.Module):
     else:
       next_positions = position_ids[:, -1].astype(jnp.int32) + 1
     position_ids = position_ids.astype(jnp.int32)
-    cos, sin = rope_cos_sin(position_ids, self.inv_freq, head_dim=cfg.head_dim,
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    cos, sin = rope_cos_sin(position_ids, inv_freq, head_dim=cfg.head_dim,
                             theta=cfg.rope_theta, scaling=cfg.rope_scaling,
                             max_position_embeddings=cfg.max_position_embeddings)
     attn_mask = make_attention_mask(key_valid, query_slots, num_keys)
