@@ -1,0 +1,432 @@
+"""grain pipeline: records -> shuffled, sharded, decoded, tokenised, padded batches.
+
+    records (list[Record] or a pre-extracted source, same order on every host)
+      -> MapDataset.source -> shuffle(seed) -> repeat(num_epochs)   (new order each epoch)
+      -> [process_index::process_count]                             (per-host shard)
+      -> random_map(ExampleBuilder)    decode media (input_pipeline.media), face crop,
+                                       instruction, template + tokenise; a bad input
+                                       becomes a skip marker instead of an exception
+      -> to_iter_dataset(ReadOptions) [-> mp_prefetch(MultiprocessingOptions)]
+      -> count skips (main process; SkipCounter + iterator state)
+      -> batch(collate)                padding to the smallest bucket length
+
+The batch is exactly docs/INTERFACES.md "The batch". The iterator is a grain
+`DatasetIterator`: `get_state()` / `set_state()` restore the exact position (and the
+skip counts), so orbax can checkpoint it beside the train state.
+
+Our choices: per-example randomness (option order of generated instructions) comes from
+grain's per-index generator, so it is reproducible and survives restore; the Q-Former
+text is the first question without placeholder and without the AGR sentence; a skipped
+example shifts later batches (batches stay full), identical in a restored run;
+`global_batch_size` is split evenly over processes.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from input_pipeline import instructions as instructions_lib
+from input_pipeline import media as media_lib
+from input_pipeline import template as template_lib
+from input_pipeline.records import BadInputError, Record, SkipCounter
+from input_pipeline.tokenizers import BertTokenizer, LlamaTokenizer
+
+SKIP_KEY = "_skip"
+FACE_MODES = ("aligned", "detect", "detect_or_full", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """Everything the pipeline needs, as data (build it from the ml_collections config).
+
+  Attributes:
+    global_batch_size: examples per step over all processes.
+    num_frames: F_max; images use 1 real frame, the rest is padding.
+    tokens_per_frame: EmoLlamaConfig.tokens_per_frame (1 + content + face tokens).
+    max_length: longest LLaMA sequence, visual slots included (<= max(bucket_lengths)).
+    bucket_lengths: batches are padded to the smallest of these that fits.
+    qformer_max_length: fixed Q-Former text length Tq.
+    image_size / face_size: ViT and face-network input sides.
+    aspect: ViT geometry, 'pad' (LLaMA-VID) | 'crop' | 'resize' (media.preprocess).
+    face_mode: 'aligned' (the frame is the face, as in RAF-DB aligned / DFEW 224 clips),
+      'detect' (OpenCV detector, no face -> counted skip), 'detect_or_full' (no face ->
+      the whole frame), 'none' (no `face_crops` key: priors are precomputed or unused).
+    face_margin: margin around a detected face box (fraction of its side).
+    seed: shuffle + per-example randomness.
+    shuffle: shuffle the records each epoch.
+    shuffle_options: shuffle the options of generated category instructions (training);
+      False keeps class-list order so `label` is the dataset class id (evaluation).
+    option_names: offer these class names instead of each dataset's own.
+    num_epochs: None repeats forever.
+    drop_remainder: drop the last partial batch (static shapes for training).
+    worker_count: grain worker processes (0: decode in this process).
+    worker_buffer_size: elements prefetched per worker.
+    read_threads: threads per process decoding elements.
+    template: conversation template name.
+  """
+  global_batch_size: int = 8
+  num_frames: int = 4
+  tokens_per_frame: int = 2
+  max_length: int = 256
+  bucket_lengths: tuple[int, ...] = (128, 256)
+  qformer_max_length: int = 32
+  image_size: int = 224
+  face_size: int = 224
+  aspect: str = "pad"
+  face_mode: str = "aligned"
+  face_margin: float = 0.2
+  seed: int = 0
+  shuffle: bool = True
+  shuffle_options: bool = True
+  option_names: tuple[str, ...] | None = None
+  num_epochs: int | None = None
+  drop_remainder: bool = True
+  worker_count: int = 0
+  worker_buffer_size: int = 2
+  read_threads: int = 1
+  template: str = "vicuna_v1"
+
+  def __post_init__(self):
+    if self.max_length > max(self.bucket_lengths):
+      raise ValueError(f"max_length {self.max_length} exceeds the largest bucket "
+                       f"{max(self.bucket_lengths)}")
+    if self.face_mode not in FACE_MODES:
+      raise ValueError(f"face_mode must be one of {FACE_MODES}, got {self.face_mode!r}")
+
+  @property
+  def num_visual_slots(self) -> int:
+    return self.num_frames * self.tokens_per_frame
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "PipelineConfig":
+    """From a (ml_collections) mapping; unknown keys are an error, lists become tuples."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f"unknown pipeline config keys {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# ---------------------------------------------------------------------------------------
+# Pre-extracted inputs (input_pipeline.preprocess) travel as this mapping instead of a
+# Record: {'record': Record, 'frames': uint8 [F,H,W,3], optional 'face_crops' uint8,
+# 'face_global' / 'face_local' float32 [F, G|L, Cf], 'agr_sentence' str}.
+
+
+def _is_preextracted(element: Any) -> bool:
+  return isinstance(element, Mapping) and "record" in element and "frames" in element
+
+
+def _pad_frames(x: np.ndarray, num_frames: int) -> np.ndarray:
+  if x.shape[0] > num_frames:
+    raise ValueError(f"{x.shape[0]} frames exceed num_frames={num_frames}")
+  out = np.zeros((num_frames,) + x.shape[1:], x.dtype)
+  out[:x.shape[0]] = x
+  return out
+
+
+class ExampleBuilder:
+  """One record (or pre-extracted element) -> one example dict (unbatched batch keys).
+
+  Picklable: grain sends it to worker processes. A BadInputError (or any decode error)
+  becomes `{SKIP_KEY: (reason, path, detail)}` unless `strict`, when it propagates.
+  """
+
+  def __init__(self, config: PipelineConfig, tokenizer: LlamaTokenizer,
+               qformer_tokenizer: BertTokenizer, *, strict: bool = False):
+    self.config = config
+    self.tokenizer = tokenizer
+    self.qformer_tokenizer = qformer_tokenizer
+    self.strict = strict
+    self.template = template_lib.get_template(config.template)
+
+  # -- media ---------------------------------------------------------------------------
+
+  def _frames(self, record: Record) -> np.ndarray:
+    n = 1 if record.media_type in ("image", "pixels") else self.config.num_frames
+    return media_lib.load_media(record, n)
+
+  def _face_crops(self, frames: np.ndarray, record: Record) -> np.ndarray:
+    mode = self.config.face_mode
+    path = record.media if isinstance(record.media, str) else record.id
+    if mode == "aligned":
+      return frames
+    try:
+      return media_lib.crop_face_frames(frames, margin=self.config.face_margin, path=path)
+    except BadInputError as e:
+      if mode == "detect_or_full" and e.reason == "no_face":
+        return frames
+      raise
+
+  # -- the example ---------------------------------------------------------------------
+
+  def build(self, element: Record | Mapping[str, Any], rng: np.random.Generator) -> dict:
+    cfg = self.config
+    if _is_preextracted(element):
+      record = element["record"]
+      frames = np.asarray(element["frames"])
+      crops = element.get("face_crops")
+      agr = element.get("agr_sentence")
+    else:
+      record, crops, agr = element, None, None
+      frames = self._frames(record)
+    if frames.ndim != 4 or frames.shape[0] == 0:
+      raise BadInputError("no_frames", str(record.media), f"frames of shape {frames.shape}")
+    n_real = min(frames.shape[0], cfg.num_frames)
+    frames = frames[:n_real]
+
+    inst = instructions_lib.instruction_for_record(
+        record, rng=rng, shuffle=cfg.shuffle_options, option_names=cfg.option_names)
+    tok = template_lib.tokenize_conversation(
+        inst.conversations, self.tokenizer, num_visual_slots=cfg.num_visual_slots,
+        max_length=cfg.max_length, template=self.template, agr_sentence=agr,
+        path=str(record.media))
+    q_ids, q_mask = self.qformer_tokenizer.encode_padded(
+        template_lib.first_question(inst.conversations), cfg.qformer_max_length)
+
+    attention = np.ones_like(tok.input_ids)
+    first_pad_slot = tok.image_start + n_real * cfg.tokens_per_frame
+    attention[first_pad_slot:tok.image_start + cfg.num_visual_slots] = 0
+    frame_mask = np.zeros((cfg.num_frames,), bool)
+    frame_mask[:n_real] = True
+
+    out = {
+        "frames": _pad_frames(media_lib.preprocess_vit(frames, cfg.image_size, cfg.aspect),
+                              cfg.num_frames),
+        "frame_mask": frame_mask,
+        "qformer_ids": q_ids,
+        "qformer_mask": q_mask,
+        "input_ids": tok.input_ids,
+        "attention_mask": attention,
+        "loss_mask": tok.loss_mask,
+        "label": np.int32(inst.label_index),
+    }
+    if _is_preextracted(element) and "face_global" in element:
+      out["face_global"] = _pad_frames(np.asarray(element["face_global"], np.float32)[:n_real],
+                                       cfg.num_frames)
+      out["face_local"] = _pad_frames(np.asarray(element["face_local"], np.float32)[:n_real],
+                                      cfg.num_frames)
+    elif cfg.face_mode != "none":
+      if crops is None:
+        crops = self._face_crops(frames, record)
+      crops = np.asarray(crops)[:n_real]
+      out["face_crops"] = _pad_frames(media_lib.preprocess_face(crops, cfg.face_size),
+                                      cfg.num_frames)
+    return out
+
+  def __call__(self, element: Record | Mapping[str, Any], rng: np.random.Generator) -> dict:
+    try:
+      return self.build(element, rng)
+    except BadInputError as e:
+      if self.strict:
+        raise
+      return {SKIP_KEY: (e.reason, e.path or _where(element), e.detail)}
+    except Exception as e:  # pylint: disable=broad-except
+      # Anything else a decoder throws deep in a worker: counted under its type.
+      if self.strict:
+        raise BadInputError(f"error:{type(e).__name__}", _where(element), str(e)) from e
+      return {SKIP_KEY: (f"error:{type(e).__name__}", _where(element), str(e))}
+
+
+def _where(element: Any) -> str:
+  record = element["record"] if _is_preextracted(element) else element
+  media = getattr(record, "media", None)
+  return media if isinstance(media, str) and media else str(getattr(record, "id", "?"))
+
+
+# ---------------------------------------------------------------------------------------
+# Skip counting (main process) with checkpointable counts.
+
+
+class _CountSkipsIterator(grain.DatasetIterator):
+  """Drops skip markers, counting them in the SkipCounter and in the iterator state."""
+
+  def __init__(self, parent: grain.DatasetIterator, counter: SkipCounter):
+    super().__init__(parent)
+    self._counter = counter
+    self._counts: collections.Counter[str] = collections.Counter()
+
+  def __next__(self):
+    while True:
+      element = next(self._parent)
+      if isinstance(element, Mapping) and SKIP_KEY in element:
+        reason, path, detail = element[SKIP_KEY]
+        self._counts[reason] += 1
+        self._counter.skip(reason, path, detail)
+        continue
+      return element
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "skips": dict(self._counts)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._counts = collections.Counter(state.get("skips", {}))
+    self._counter.merge(self._counts)
+
+
+class _CountSkipsIterDataset(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset, counter: SkipCounter):
+    super().__init__(parent)
+    self._counter = counter
+
+  def __iter__(self) -> _CountSkipsIterator:
+    return _CountSkipsIterator(self._parent.__iter__(), self._counter)
+
+  def __str__(self) -> str:
+    return "CountSkipsIterDataset"
+
+
+# ---------------------------------------------------------------------------------------
+# Batching.
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+  for b in sorted(buckets):
+    if n <= b:
+      return b
+  raise ValueError(f"sequence of {n} tokens exceeds the largest bucket {max(buckets)}")
+
+
+def collate(examples: Sequence[dict], *, bucket_lengths: Sequence[int], pad_id: int) -> dict:
+  """Stacks examples; pads input_ids / attention_mask / loss_mask to a bucket length."""
+  if not examples:
+    raise ValueError("empty batch")
+  length = bucket_length(max(len(e["input_ids"]) for e in examples), bucket_lengths)
+  batch = {}
+  for key, pad in (("input_ids", pad_id), ("attention_mask", 0), ("loss_mask", 0)):
+    arr = np.full((len(examples), length), pad, np.int32)
+    for i, e in enumerate(examples):
+      arr[i, :len(e[key])] = e[key]
+    batch[key] = arr
+  for key in examples[0]:
+    if key not in batch:
+      batch[key] = np.stack([e[key] for e in examples])
+  batch["label"] = batch["label"].astype(np.int32)
+  batch["qformer_ids"] = batch["qformer_ids"].astype(np.int32)
+  batch["qformer_mask"] = batch["qformer_mask"].astype(np.int32)
+  return batch
+
+
+class _Collate:
+  """Picklable batch_fn."""
+
+  def __init__(self, bucket_lengths: Sequence[int], pad_id: int):
+    self.bucket_lengths = tuple(bucket_lengths)
+    self.pad_id = pad_id
+
+  def __call__(self, examples):
+    return collate(examples, bucket_lengths=self.bucket_lengths, pad_id=self.pad_id)
+
+
+# ---------------------------------------------------------------------------------------
+# The dataset.
+
+
+def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return process_index, process_count
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside absl.app (pytest, notebooks) they
+  are unparsed, so take the defaults."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def shuffled_shard(source: Sequence[Any], config: PipelineConfig, process_index: int,
+                   process_count: int) -> grain.MapDataset:
+  """Source elements in this process's order: shuffled per epoch, repeated, then every
+  process_count-th element from process_index (hosts get disjoint slices)."""
+  ds = grain.MapDataset.source(source)
+  if config.shuffle:
+    ds = ds.shuffle(seed=config.seed)
+  ds = ds.repeat(config.num_epochs)
+  return ds[process_index::process_count]
+
+
+def make_dataset(
+    source: Sequence[Record] | Any,
+    config: PipelineConfig,
+    tokenizer: LlamaTokenizer,
+    qformer_tokenizer: BertTokenizer,
+    *,
+    skips: SkipCounter | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+  """The batched IterDataset for this process.
+
+  Args:
+    source: a sequence of Records (same order on every host), or a grain random-access
+      source yielding Records or pre-extracted mappings (preprocess.PreextractedSource).
+    config: PipelineConfig.
+    tokenizer / qformer_tokenizer: LLaMA SentencePiece and BERT WordPiece tokenizers.
+    skips: counter for skipped inputs (its `strict` makes bad inputs raise instead).
+    process_index / process_count: default jax.process_index() / jax.process_count().
+  """
+  skips = skips if skips is not None else SkipCounter()
+  index, count = _process_info(process_index, process_count)
+  if config.global_batch_size % count:
+    raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by "
+                     f"{count} processes")
+  if len(source) == 0:
+    raise ValueError("the pipeline got no records")
+  local_batch = config.global_batch_size // count
+
+  ds = shuffled_shard(source, config, index, count)
+  builder = ExampleBuilder(config, tokenizer, qformer_tokenizer, strict=skips.strict)
+  ds = ds.random_map(builder, seed=config.seed + 1)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                            prefetch_buffer_size=max(1, config.read_threads)))
+  if config.worker_count > 0:
+    _ensure_absl_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
+  it = _CountSkipsIterDataset(it, skips)
+  return it.batch(local_batch, drop_remainder=config.drop_remainder,
+                  batch_fn=_Collate(config.bucket_lengths, tokenizer.pad_id))
+
+
+def make_iterator(*args, **kwargs) -> grain.DatasetIterator:
+  """`iter(make_dataset(...))`: a checkpointable grain DatasetIterator of batches."""
+  return iter(make_dataset(*args, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------
+# Host -> global arrays.
+
+
+def to_global_batch(batch: Mapping[str, np.ndarray], mesh, spec=None) -> dict:
+  """Process-local batch -> global jax.Arrays sharded over the mesh's batch axes.
+
+  Args:
+    batch: this process's numpy batch (leading dim = local batch).
+    mesh: a jax.sharding.Mesh.
+    spec: a PartitionSpec for every leaf (default P(('data', 'fsdp')): batch over the
+      data and fsdp axes, the rest replicated), or a mapping key -> PartitionSpec.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
+  if spec is None:
+    spec = PartitionSpec(("data", "fsdp"))
+  out = {}
+  for key, value in batch.items():
+    s = spec[key] if isinstance(spec, Mapping) else spec
+    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, s), np.asarray(value))
+  return out
