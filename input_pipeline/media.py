@@ -100,8 +100,11 @@ def _open(path: str):
   except (av.error.FFmpegError, OSError, ValueError) as e:
     raise BadInputError("corrupt_video", path, str(e)) from None
   if not container.streams.video:
+    has_any = bool(container.streams)
     container.close()
-    raise BadInputError("no_video_stream", path)
+    if has_any:
+      raise BadInputError("no_video_stream", path, "the file has streams but no video")
+    raise BadInputError("empty_video", path, "no streams (a video written with zero frames)")
   return container
 
 
@@ -121,6 +124,10 @@ def _scan(container, stream) -> tuple[list[int], list[int]] | None:
   return pts, keys
 
 
+class _SeekFailed(Exception):
+  """Seeking is not supported by this input; decode sequentially instead."""
+
+
 def _rgb(frame) -> np.ndarray:
   return frame.to_ndarray(format="rgb24")
 
@@ -137,7 +144,10 @@ def _decode_seeking(container, stream, pts: list[int], keys: list[int],
     k = bisect.bisect_right(keys, t) - 1
     key = keys[k] if k >= 0 else pts[0]
     if frames is None or cur is None or key > cur:
-      container.seek(key, stream=stream, backward=True, any_frame=False)
+      try:
+        container.seek(key, stream=stream, backward=True, any_frame=False)
+      except (av.error.FFmpegError, OSError) as e:
+        raise _SeekFailed(str(e)) from None
       frames = container.decode(stream)
       first = True
     else:
@@ -163,8 +173,8 @@ def _decode_seeking(container, stream, pts: list[int], keys: list[int],
 
 
 def _decode_sequential(container, stream, num_frames: int) -> list[np.ndarray]:
-  """Decodes from the start; samples by frame index (uses stream.frames when known)."""
-  container.seek(0)
+  """Decodes from the current (start) position; samples by frame index, using
+  stream.frames when the container knows it, else holding the decoded (YUV) frames."""
   n = stream.frames
   if n and n > 0:
     want = sample_indices(n, num_frames)
@@ -180,10 +190,18 @@ def _decode_sequential(container, stream, num_frames: int) -> list[np.ndarray]:
       return []
     fill = got[max(got)] if got else _rgb(last)
     return [got.get(int(i), fill) for i in want]
-  kept = list(container.decode(stream))  # unknown length: hold the (YUV) frames
+  kept = list(container.decode(stream))
   if not kept:
     return []
   return [_rgb(kept[i]) for i in sample_indices(len(kept), num_frames)]
+
+
+def _configure(container, threads: int):
+  stream = container.streams.video[0]
+  stream.codec_context.thread_count = max(1, threads)
+  if threads > 1:
+    stream.thread_type = "AUTO"
+  return stream
 
 
 def decode_video(path: str, num_frames: int, *, seek: bool = True,
@@ -199,10 +217,7 @@ def decode_video(path: str, num_frames: int, *, seek: bool = True,
   """
   container = _open(path)
   try:
-    stream = container.streams.video[0]
-    stream.codec_context.thread_count = max(1, threads)
-    if threads > 1:
-      stream.thread_type = "AUTO"
+    stream = _configure(container, threads)
     frames = None
     if seek:
       scan = _scan(container, stream)
@@ -213,8 +228,13 @@ def decode_video(path: str, num_frames: int, *, seek: bool = True,
         try:
           frames = _decode_seeking(container, stream, pts, keys,
                                    sample_indices(len(pts), num_frames))
-        except av.error.PermissionError:
-          frames = None  # unseekable input
+        except _SeekFailed:
+          frames = None
+      # Fall back: reopen (raw streams cannot even seek back to the start).
+      if frames is None:
+        container.close()
+        container = _open(path)
+        stream = _configure(container, threads)
     if frames is None:
       frames = _decode_sequential(container, stream, num_frames)
     if not frames:
