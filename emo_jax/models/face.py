@@ -1,0 +1,177 @@
+"""Face Info Mining (EMO-LLaMA) and the age-gender-race (AGR) prompt.
+
+Paper facts (EMO-LLaMA): a frozen face-analysis network provides global and local facial
+priors and AGR predictions; a Face Info Mining module turns the priors into a few face tokens
+for the LLM; the AGR predictions become a handcrafted sentence in the user prompt.
+
+Not stated in the paper (no code released), hence our choices, all config fields:
+- the mining block is one pre-LN cross-attention layer (queries attend over
+  concat(global, local) face features projected to `hidden_dim`) followed by a GELU MLP, both
+  residual, then a final LayerNorm and `Linear(hidden_dim -> D_llm)` (`out_proj`);
+- the queries are either K learned vectors (`query_mode='learned'`) or the Q-Former's
+  text-conditioned query outputs (`query_mode='qformer'`): the Q queries are averaged in K
+  contiguous groups (K must divide Q) and projected 768 -> hidden_dim by `query_proj`;
+- the AGR sentence wording (`AGR_TEMPLATE`) is ours; the paper's wording is unknown.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emo_jax.models.face_prior import AGE_BINS, GENDERS, RACES, FacePriors
+
+AGR_TEMPLATE = ("The person in the {media} appears to be a {gender} aged {age}, "
+                "of {race} appearance.")
+
+QUERY_MODES = ("learned", "qformer")
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceMiningConfig:
+  """Face Info Mining sizes (our choices; see the module docstring).
+
+  face_dim: Cf of the face priors. hidden_dim/num_heads: the cross-attention width.
+  num_tokens: K face tokens per frame. out_dim: D_llm. query_mode: 'learned' | 'qformer'.
+  qformer_dim: width of the Q-Former outputs (768) used when query_mode == 'qformer'.
+  """
+  face_dim: int = 16
+  hidden_dim: int = 32
+  num_heads: int = 2
+  num_tokens: int = 4
+  out_dim: int = 64
+  mlp_ratio: int = 4
+  query_mode: str = "learned"
+  qformer_dim: int = 768
+  layer_norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    if self.query_mode not in QUERY_MODES:
+      raise ValueError(f"query_mode must be one of {QUERY_MODES}, got {self.query_mode!r}")
+    if self.hidden_dim % self.num_heads:
+      raise ValueError(f"hidden_dim {self.hidden_dim} not divisible by num_heads {self.num_heads}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "FaceMiningConfig":
+    return cls(**d)
+
+
+def _linear(i: int, o: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
+            use_bias: bool = True) -> nnx.Linear:
+  return nnx.Linear(i, o, use_bias=use_bias, rngs=rngs, kernel_metadata={"out_sharding": axes})
+
+
+class FaceInfoMining(nnx.Module):
+  """Queries cross-attend over concat(global, local) face features -> K tokens -> D_llm."""
+
+  def __init__(self, config: FaceMiningConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    h = config.hidden_dim
+    if config.query_mode == "learned":
+      self.query_tokens = nnx.Param(
+          0.02 * jax.random.normal(rngs.params(), (config.num_tokens, h), jnp.float32),
+          out_sharding=(None, "face_embed"))
+    else:
+      self.query_proj = _linear(config.qformer_dim, h, ("qformer_embed", "face_embed"), rngs)
+    self.input_proj = _linear(config.face_dim, h, (None, "face_embed"), rngs)
+    self.query_layernorm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, rngs=rngs)
+    self.kv_layernorm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, rngs=rngs)
+    self.q_proj = _linear(h, h, ("face_embed", "heads"), rngs)
+    self.k_proj = _linear(h, h, ("face_embed", "heads"), rngs)
+    self.v_proj = _linear(h, h, ("face_embed", "heads"), rngs)
+    self.o_proj = _linear(h, h, ("heads", "face_embed"), rngs)
+    self.mlp_layernorm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, rngs=rngs)
+    self.fc1 = _linear(h, h * config.mlp_ratio, ("face_embed", "mlp"), rngs)
+    self.fc2 = _linear(h * config.mlp_ratio, h, ("mlp", "face_embed"), rngs)
+    self.final_layernorm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, rngs=rngs)
+    self.out_proj = _linear(h, config.out_dim, ("face_embed", "embed"), rngs)
+
+  def queries(self, n: int, qformer_queries: jax.Array | None) -> jax.Array:
+    """[N, K, hidden] queries for N faces."""
+    cfg = self.config
+    if cfg.query_mode == "learned":
+      return jnp.broadcast_to(self.query_tokens[...][None], (n,) + self.query_tokens.shape)
+    if qformer_queries is None:
+      raise ValueError("query_mode='qformer' needs the Q-Former query outputs [N, Q, 768]")
+    q = qformer_queries.shape[1]
+    if q % cfg.num_tokens:
+      raise ValueError(f"num_tokens {cfg.num_tokens} must divide the number of Q-Former "
+                       f"queries {q}")
+    grouped = qformer_queries.reshape(n, cfg.num_tokens, q // cfg.num_tokens, -1).mean(axis=2)
+    return self.query_proj(grouped)
+
+  def __call__(self, global_feats: jax.Array, local_feats: jax.Array,
+               qformer_queries: jax.Array | None = None) -> jax.Array:
+    """global_feats [N, G, Cf], local_feats [N, L, Cf] (+ Q-Former queries [N, Q, 768] in
+    'qformer' mode) -> face tokens [N, K, out_dim]."""
+    cfg = self.config
+    n = global_feats.shape[0]
+    feats = jnp.concatenate([global_feats, local_feats], axis=1)
+    kv = self.kv_layernorm(self.input_proj(feats))
+    x = self.queries(n, qformer_queries)
+    heads = cfg.num_heads
+    d = cfg.hidden_dim // heads
+    xq = self.query_layernorm(x)
+    q = self.q_proj(xq).reshape(n, -1, heads, d)
+    k = self.k_proj(kv).reshape(n, -1, heads, d)
+    v = self.v_proj(kv).reshape(n, -1, heads, d)
+    scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    att = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, -1, cfg.hidden_dim)
+    x = x + self.o_proj(att)
+    x = x + self.fc2(jax.nn.gelu(self.fc1(self.mlp_layernorm(x)), approximate=False))
+    return self.out_proj(self.final_layernorm(x))
+
+  def from_priors(self, priors: FacePriors, qformer_queries: jax.Array | None = None) -> jax.Array:
+    return self(priors.global_feats, priors.local_feats, qformer_queries)
+
+
+def agr_sentence(age_idx: int, gender_idx: int, race_idx: int, template: str = AGR_TEMPLATE,
+                 media: str = "image") -> str:
+  """Fill the AGR template with label names (template fields: {media} {age} {gender} {race}).
+
+  The EMO-LLaMA paper places such a sentence in the user turn but does not publish its
+  wording; the default template is ours.
+  """
+  for name, idx, table in (("age", age_idx, AGE_BINS), ("gender", gender_idx, GENDERS),
+                           ("race", race_idx, RACES)):
+    if not 0 <= int(idx) < len(table):
+      raise ValueError(f"{name} index {idx} out of range [0, {len(table)})")
+  return template.format(media=media, age=AGE_BINS[int(age_idx)],
+                         gender=GENDERS[int(gender_idx)], race=RACES[int(race_idx)])
+
+
+def agr_indices(age_logits, gender_logits, race_logits, frame_mask=None) -> np.ndarray:
+  """Argmax AGR labels per sample from per-frame logits [B, F, n] (or [B, n]).
+
+  With frames, the logits are averaged over the real frames (`frame_mask` [B, F]; our
+  choice) before the argmax. Returns int [B, 3] = (age, gender, race).
+  """
+  out = []
+  for logits in (age_logits, gender_logits, race_logits):
+    logits = np.asarray(logits, np.float32)
+    if logits.ndim == 3:
+      mask = (np.ones(logits.shape[:2], bool) if frame_mask is None
+              else np.asarray(frame_mask, bool))
+      if not mask.any(axis=1).all():
+        raise ValueError("every sample needs at least one real frame for its AGR prediction")
+      logits = (logits * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    out.append(logits.argmax(-1))
+  return np.stack(out, axis=-1)
+
+
+def agr_sentences(priors: FacePriors, frame_mask=None, template: str = AGR_TEMPLATE,
+                  media: str | Sequence[str] = "image") -> list[str]:
+  """One AGR sentence per sample from FacePriors with [B, F, ...] (or [B, ...]) logits."""
+  idx = agr_indices(priors.age_logits, priors.gender_logits, priors.race_logits, frame_mask)
+  medias = [media] * len(idx) if isinstance(media, str) else list(media)
+  if len(medias) != len(idx):
+    raise ValueError(f"{len(medias)} media names for {len(idx)} samples")
+  return [agr_sentence(a, g, r, template, m) for (a, g, r), m in zip(idx, medias)]
