@@ -42,3 +42,31 @@ def left_padded_batch(rng: np.random.RandomState, lengths, total: int, vocab: in
     ids[i, total - n:] = rng.randint(3, vocab, n)
     mask[i, total - n:] = 1
   return ids, mask
+
+
+def masked_lm_loss(logits, input_ids, loss_mask):
+  """Mean next-token cross entropy over positions whose target has loss_mask 1."""
+  import jax
+  import jax.numpy as jnp
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  tgt = input_ids[:, 1:]
+  nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+  w = loss_mask[:, 1:].astype(jnp.float32)
+  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def make_lora_train_step(graphdef, tx):
+  """A pure jitted-able LoRA step: (trainable, frozen, opt_state, batch) -> new state, loss."""
+  import jax
+  import optax
+  from flax import nnx
+
+  def step(trainable, frozen, opt_state, batch):
+    def loss_fn(tr):
+      model = nnx.merge(graphdef, tr, frozen)
+      logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+      return masked_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+  return step
