@@ -13,7 +13,7 @@
 The 7 RAF-DB expressions are cartoons drawn from a small parametric face: brows (height,
 inner/outer tilt, arch, gap), eyes (openness, squint lids), mouth (width, corner lift,
 opening, teeth, O shape, raised upper lip) and nose wrinkles; each sample draws an
-intensity (0.55-1 of the apex; clips ramp from neutral to it), head pose (rotation, shift,
+intensity (0.6-1 of the apex; clips ramp from neutral to it), head pose (rotation, shift,
 scale), face shape, skin, hair and iris colours, background and sensor noise, so classes
 are separable by a small model without being identical images.
 
@@ -52,7 +52,7 @@ _APEX = {
     "surprise": dict(brow_raise=0.075, brow_arch=0.04, eye_open=1.9, mouth_w=0.055,
                      mouth_open=0.11, mouth_o=1.0),
     "fear": dict(brow_raise=0.05, brow_inner=0.03, brow_arch=-0.004, brow_gap=0.02,
-                 eye_open=1.8, mouth_w=0.15, mouth_curve=-0.025, mouth_open=0.07, teeth=1.0),
+                 eye_open=1.8, mouth_w=0.15, mouth_curve=-0.025, mouth_open=0.08, teeth=1.0),
     "disgust": dict(brow_raise=-0.025, brow_inner=-0.015, brow_gap=0.012, eye_open=0.55,
                     eye_squint=0.5, mouth_w=0.10, mouth_curve=-0.035, upper_lip=1.0,
                     wrinkle=1.0),
@@ -96,14 +96,14 @@ class _Style:
     self.eye_y = rng.uniform(0.43, 0.47)
     self.mouth_y = rng.uniform(0.71, 0.75)
     self.hair_h = rng.uniform(0.05, 0.16)
-    self.angle = rng.uniform(-12, 12)
-    self.scale = rng.uniform(0.88, 1.08)
-    self.shift = rng.uniform(-0.05, 0.05, size=2)
+    self.angle = rng.uniform(-8, 8)
+    self.scale = rng.uniform(0.92, 1.08)
+    self.shift = rng.uniform(-0.04, 0.04, size=2)
     self.bg = rng.uniform(0, 255, size=(2, 3))
     self.blobs = [(rng.uniform(0, 1, 2), rng.uniform(0.1, 0.3), rng.uniform(0, 255, 3))
                   for _ in range(3)]
-    self.noise = rng.uniform(0.0, 8.0)
-    self.line = rng.uniform(15, 45)  # darkness of feature lines
+    self.noise = rng.uniform(0.0, 6.0)
+    self.line = rng.uniform(5, 30)  # darkness of feature lines
 
 
 def _p(x: float, y: float, s: int) -> tuple[int, int]:
@@ -134,7 +134,7 @@ def _draw_face(s: int, st: _Style, p: dict[str, float]) -> tuple[np.ndarray, np.
   mask = np.zeros((s, s), np.uint8)
   aa = cv2.LINE_AA
   skin = tuple(float(c) for c in st.skin)
-  line = tuple(float(c) for c in st.skin * 0.25 + st.line)
+  line = tuple(float(c) for c in st.skin * 0.15 + st.line)
   cx, cy = 0.5, 0.53
   # Hair cap behind the top of the head, then the head.
   cv2.ellipse(img, _p(cx, cy - 0.03, s), (_r(st.face_w * 1.06, s), _r(st.face_h + st.hair_h * 0.5, s)),
@@ -177,7 +177,7 @@ def _draw_face(s: int, st: _Style, p: dict[str, float]) -> tuple[np.ndarray, np.
     xs = np.linspace(inner_x, outer_x, 9)
     u = np.linspace(0, 1, 9)
     ys = by - p["brow_inner"] * (1 - u) - p["brow_arch"] * 4 * u * (1 - u)
-    cv2.polylines(img, [_poly(np.stack([xs, ys], -1), s)], False, line, th + 1, aa, _SHIFT)
+    cv2.polylines(img, [_poly(np.stack([xs, ys], -1), s)], False, line, th + 2, aa, _SHIFT)
   # Nose and, for disgust, wrinkles across its bridge and flared nostrils.
   ny = (st.eye_y + st.mouth_y) / 2 + 0.02
   cv2.polylines(img, [_poly(np.array([[cx, st.eye_y + 0.02], [cx - 0.02, ny], [cx + 0.015, ny + 0.01]]), s)],
@@ -200,7 +200,7 @@ def _draw_face(s: int, st: _Style, p: dict[str, float]) -> tuple[np.ndarray, np.
       cv2.polylines(img, [_poly(pts, s)], False, line, th, aa, _SHIFT)
   # Mouth.
   my, mw = st.mouth_y, p["mouth_w"]
-  lip = (150, 60, 60)
+  lip = (185, 45, 55)
   if p["mouth_o"] > 0.5:
     cv2.ellipse(img, _p(cx, my, s), (_r(mw, s), _r(max(p["mouth_open"], 0.01), s)), 0, 0, 360,
                 (40, 10, 10), -1, aa, _SHIFT)
@@ -232,7 +232,7 @@ def _background(s: int, st: _Style) -> np.ndarray:
   bg = np.broadcast_to((1 - t) * st.bg[0] + t * st.bg[1], (q, q, 3)).astype(np.float32)
   yy, xx = np.mgrid[0:q, 0:q].astype(np.float32) / q
   for (c, r, col) in st.blobs:
-    w = np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) / (2 * r * r))[..., None] * 0.6
+    w = np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) / (2 * r * r))[..., None] * 0.45
     bg = bg * (1 - w) + col.astype(np.float32) * w
   return cv2.resize(bg, (s, s), interpolation=cv2.INTER_LINEAR)
 
@@ -261,7 +261,7 @@ def make_image(index: int, label: str, size: int = 112, seed: int = 0) -> np.nda
   """The still of item `index` (deterministic in seed, index and label)."""
   rng = _rng(seed, 0, index)
   style = _Style(rng)
-  intensity = 1.0 if label == "neutral" else rng.uniform(0.55, 1.0)
+  intensity = 1.0 if label == "neutral" else rng.uniform(0.6, 1.0)
   return render(label, intensity, style, size, rng)
 
 
