@@ -67,6 +67,8 @@ class PipelineConfig:
     worker_buffer_size: elements prefetched per worker.
     read_threads: threads per process decoding elements.
     template: conversation template name.
+    max_consecutive_skips: this many skipped inputs in a row stop the run with the skip
+      report (a wrong root or config, not a few bad files; also ends an endless loop).
   """
   global_batch_size: int = 8
   num_frames: int = 4
@@ -89,6 +91,7 @@ class PipelineConfig:
   worker_buffer_size: int = 2
   read_threads: int = 1
   template: str = "vicuna_v1"
+  max_consecutive_skips: int = 1000
 
   def __post_init__(self):
     if self.max_length > max(self.bucket_lengths):
@@ -245,18 +248,25 @@ def _where(element: Any) -> str:
 class _CountSkipsIterator(grain.DatasetIterator):
   """Drops skip markers, counting them in the SkipCounter and in the iterator state."""
 
-  def __init__(self, parent: grain.DatasetIterator, counter: SkipCounter):
+  def __init__(self, parent: grain.DatasetIterator, counter: SkipCounter,
+               max_consecutive: int):
     super().__init__(parent)
     self._counter = counter
+    self._max_consecutive = max_consecutive
     self._counts: collections.Counter[str] = collections.Counter()
 
   def __next__(self):
+    run = 0
     while True:
       element = next(self._parent)
       if isinstance(element, Mapping) and SKIP_KEY in element:
         reason, path, detail = element[SKIP_KEY]
         self._counts[reason] += 1
         self._counter.skip(reason, path, detail)
+        run += 1
+        if run >= self._max_consecutive:
+          raise RuntimeError(f"{run} inputs in a row were skipped; check the data root and "
+                             f"config.\n{self._counter.report()}")
         continue
       return element
 
@@ -271,12 +281,13 @@ class _CountSkipsIterator(grain.DatasetIterator):
 
 class _CountSkipsIterDataset(grain.IterDataset):
 
-  def __init__(self, parent: grain.IterDataset, counter: SkipCounter):
+  def __init__(self, parent: grain.IterDataset, counter: SkipCounter, max_consecutive: int):
     super().__init__(parent)
     self._counter = counter
+    self._max_consecutive = max_consecutive
 
   def __iter__(self) -> _CountSkipsIterator:
-    return _CountSkipsIterator(self._parent.__iter__(), self._counter)
+    return _CountSkipsIterator(self._parent.__iter__(), self._counter, self._max_consecutive)
 
   def __str__(self) -> str:
     return "CountSkipsIterDataset"
@@ -339,6 +350,15 @@ def _process_info(process_index: int | None, process_count: int | None) -> tuple
   return process_index, process_count
 
 
+def check_prompt_fits(config: PipelineConfig, tokenizer: LlamaTokenizer) -> None:
+  """ValueError now (not a skip per example later) if the template's fixed text and the
+  visual slots alone exceed max_length."""
+  template_lib.tokenize_conversation(
+      [{"from": "human", "value": ""}, {"from": "gpt", "value": ""}], tokenizer,
+      num_visual_slots=config.num_visual_slots, max_length=config.max_length,
+      template=template_lib.get_template(config.template))
+
+
 def _ensure_absl_flags_parsed() -> None:
   """grain's worker processes read absl flags; outside absl.app (pytest, notebooks) they
   are unparsed, so take the defaults."""
@@ -388,6 +408,7 @@ def make_dataset(
     raise ValueError("the pipeline got no records")
   local_batch = config.global_batch_size // count
 
+  check_prompt_fits(config, tokenizer)
   ds = shuffled_shard(source, config, index, count)
   builder = ExampleBuilder(config, tokenizer, qformer_tokenizer, strict=skips.strict)
   ds = ds.random_map(builder, seed=config.seed + 1)
@@ -397,7 +418,7 @@ def make_dataset(
     _ensure_absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
-  it = _CountSkipsIterDataset(it, skips)
+  it = _CountSkipsIterDataset(it, skips, config.max_consecutive_skips)
   return it.batch(local_batch, drop_remainder=config.drop_remainder,
                   batch_fn=_Collate(config.bucket_lengths, tokenizer.pad_id))
 

@@ -242,3 +242,20 @@ def test_to_global_batch_shards_over_data_axes():
     assert out[k].sharding.spec == P(("data", "fsdp"))
     # Each device holds a quarter of the batch (replicated over 'tensor').
     assert {s.data.shape[0] for s in out[k].addressable_shards} == {2}
+
+
+def test_config_errors_fail_early_and_all_bad_data_stops(toks, data):
+  llama, bert = toks
+  good, bad = data
+  kw = dict(process_index=0, process_count=1)
+  # Slots + fixed prompt longer than max_length: an error at construction, not skips.
+  cfg = dataclasses.replace(CFG, num_frames=64, tokens_per_frame=4)
+  with pytest.raises(ValueError, match="visual slots"):
+    pipeline.make_iterator(good, cfg, llama, bert, **kw)
+  # Only bad inputs, repeated forever: stops with the report instead of spinning.
+  cfg = dataclasses.replace(CFG, max_consecutive_skips=7)
+  skips = SkipCounter()
+  it = pipeline.make_iterator(bad[:2], cfg, llama, bert, skips=skips, **kw)
+  with pytest.raises(RuntimeError, match="(?s)7 inputs in a row.*corrupt_image: 7"):
+    next(it)
+  assert skips.counts == {"corrupt_image": 7}
