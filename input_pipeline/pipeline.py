@@ -127,6 +127,8 @@ def _is_preextracted(element: Any) -> bool:
 def _pad_frames(x: np.ndarray, num_frames: int) -> np.ndarray:
   if x.shape[0] > num_frames:
     raise ValueError(f"{x.shape[0]} frames exceed num_frames={num_frames}")
+  if x.shape[0] == num_frames:
+    return x
   out = np.zeros((num_frames,) + x.shape[1:], x.dtype)
   out[:x.shape[0]] = x
   return out
