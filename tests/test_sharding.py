@@ -1,0 +1,99 @@
+"""Sharding over a (2, 2, 2) ('data', 'fsdp', 'tensor') mesh of 8 fake CPU devices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from emo_jax import sharding as shd
+from emo_jax.convert import hf
+from emo_jax.models.lora import apply_lora, lora_modules, trainable_filter
+from llama_testutil import make_hf, make_lora_train_step
+
+
+def test_logical_to_spec_rules():
+  mesh = shd.make_mesh((2, 2, 2))
+  assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.devices.shape == (2, 2, 2)
+  rules = shd.RULES_FSDP_TP
+  assert shd.logical_to_spec(("embed", "mlp"), rules) == P("fsdp", "tensor")
+  # batch takes data+fsdp, so an activation's embed dim stays replicated.
+  assert shd.logical_to_spec(("batch", "length", "embed"), rules) == P(("data", "fsdp"), None,
+                                                                       None)
+  assert shd.logical_to_spec(("layers", "embed", "heads"), rules) == P(None, "fsdp", "tensor")
+  # A dim the mesh axis does not divide stays replicated.
+  assert shd.logical_to_spec(("vocab", "embed"), rules, (33, 8), mesh) == P(None, "fsdp")
+  assert shd.logical_to_spec(("embed", "mlp"), shd.RULES_DP) == P(None, None)
+  x = jnp.ones((4, 2))
+  assert shd.constrain(x, ("batch", "embed")) is x  # no active mesh: no-op
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    shd.make_mesh((4, 2, 2))
+  assert shd.make_mesh((2, -1, 1)).devices.shape == (2, 4, 1)
+
+
+def _batch(rng):
+  ids = rng.randint(3, 96, (4, 12)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, :3] = 0
+  loss_mask = np.zeros_like(ids)
+  loss_mask[:, 6:] = 1
+  return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
+
+
+def test_sharded_forward_and_train_step_match_single_device(tmp_path):
+  make_hf(tmp_path, hidden_size=32, num_key_value_heads=2, intermediate_size=64)
+  mesh = shd.make_mesh((2, 2, 2))
+  rules = shd.RULES_FSDP_TP
+  single = hf.load_llama(tmp_path)
+  sharded = hf.load_llama(tmp_path, mesh=mesh, rules=rules)
+  for model in (single, sharded):
+    apply_lora(model, rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"],
+               rngs=nnx.Rngs(5))
+    key = jax.random.key(1)
+    for _, m in lora_modules(model):
+      key, sub = jax.random.split(key)
+      m.lora_b.set_value(0.05 * jax.random.normal(sub, m.lora_b[...].shape))
+
+  # Every weight matrix of the sharded model really is split across devices.
+  state = nnx.state(sharded, nnx.Param)
+  specs = shd.state_shardings(state, mesh, rules)
+  state = jax.tree.map(lambda v, s: jax.device_put(v, s), state, specs)
+  nnx.update(sharded, state)
+  for p, v in state.flat_state():
+    arr = v.get_value()
+    if arr.ndim >= 2:
+      assert arr.addressable_shards[0].data.size < arr.size, (p, arr.sharding)
+  q = sharded.model.layers[0].self_attn.q_proj.kernel[...]
+  assert q.sharding.spec == P("fsdp", "tensor")
+
+  batch = _batch(np.random.RandomState(0))
+  batch_sh = NamedSharding(mesh, P(("data", "fsdp")))
+  sbatch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+
+  def fwd(m, b):
+    return m(b["input_ids"], attention_mask=b["attention_mask"])
+  want = np.asarray(jax.jit(fwd)(single, batch))
+  with shd.use_mesh_rules(mesh, rules):
+    got = jax.jit(fwd)(sharded, sbatch)
+  assert got.sharding.spec[0] == ("data", "fsdp")
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+
+  tx = optax.adamw(1e-2)
+  results = []
+  for model, b, ctx in ((single, batch, None), (sharded, sbatch, (mesh, rules))):
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(), ...)
+    opt_state = tx.init(trainable)
+    step = jax.jit(make_lora_train_step(graphdef, tx), donate_argnums=(0, 2))
+    if ctx:
+      with shd.use_mesh_rules(*ctx):
+        new_tr, _, loss = step(trainable, frozen, opt_state, b)
+      leaf = jax.tree.leaves(new_tr)[0]
+      assert leaf.sharding.spec != P() or leaf.ndim < 2
+    else:
+      new_tr, _, loss = step(trainable, frozen, opt_state, b)
+    results.append((float(loss), jax.tree.map(np.asarray, new_tr)))
+  (l1, t1), (l2, t2) = results
+  assert abs(l1 - l2) < 1e-5
+  for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(t2)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
