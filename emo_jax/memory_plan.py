@@ -1,0 +1,527 @@
+"""Memory planning without hardware: compile the train step from abstract shapes.
+
+  python -m emo_jax.memory_plan --config=configs/emo_llama_7b.py --devices=8 --mesh=1,8,1 \
+      --micro_batch=1 --search --out=benchmarks/results/memory_plan_7b
+
+The model, the train state and the batch exist only as `jax.ShapeDtypeStruct`s
+(`nnx.eval_shape` / `jax.eval_shape`) carrying `NamedSharding`s from the logical-axis
+rules, so a 7B model "fits" on any machine: nothing is allocated. The step is lowered
+and compiled for `--devices` fake CPU devices (`--xla_force_host_platform_device_count`)
+and XLA's own accounting is read back: `compiled.memory_analysis()` (per-device
+argument / output / alias / temporary bytes of the SPMD-partitioned program) and
+`compiled.cost_analysis()['flops']` (per device; times the device count = per step).
+
+Our choices and caveats (not facts about TPUs):
+- Peak per device = argument + output - alias + temp (the donated train state aliases its
+  update; frozen weights and the batch are arguments). This is what XLA's buffer
+  assignment reserves; it excludes the runtime's own overhead and fragmentation.
+- The numbers come from the *CPU* compiler. The TPU compiler fuses and schedules
+  differently and computes bf16 matmuls natively, where XLA:CPU upcasts bf16 dots to fp32
+  (extra temporaries); so read them as a conservative plan, to be confirmed on hardware.
+- "Micro-batch" is the per-device batch of one forward/backward pass (global batch =
+  micro_batch x data x fsdp devices, one accumulation step). The largest micro-batch for a
+  budget is searched by compiling: two points give a linear model of memory vs. batch,
+  its prediction is then verified (and corrected) by compiling at the boundary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+GiB = 1024 ** 3
+# Per-chip HBM (Cloud TPU docs): v5e 16 GiB, v5p 95 GiB.
+BUDGETS_GIB = {"v5e": 16.0, "v5p": 95.0}
+
+
+@dataclasses.dataclass
+class Program:
+  """Everything (abstract) needed to lower one train step.
+
+  batch_spec(global_batch) returns the abstract batch dict (ShapeDtypeStructs).
+  """
+  name: str
+  graphdef: Any
+  params: Any
+  rngs: Any
+  frozen: Any
+  tx: Any
+  loss_fn: Callable
+  batch_spec: Callable[[int], dict]
+  rules: Sequence[tuple[str, Any]]
+  accum_steps: int = 1
+  compute_dtype: Any = None
+  info: dict = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+def _split_abstract(build: Callable[[], Any], trainable) -> tuple:
+  from flax import nnx
+  from emo_jax.train import state as state_lib
+  model = nnx.eval_shape(build)
+  return state_lib.split_model(model, trainable)
+
+
+def _count(tree) -> int:
+  import jax
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _bytes(tree) -> int:
+  import jax
+  import numpy as np
+  return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def llama_lora_program(llama_cfg, *, seq_len: int, lora_rank: int = 8, lora_alpha: float = 16.0,
+                       lora_targets: Sequence[str] | None = None,
+                       optimizer: Mapping[str, Any] | None = None,
+                       rules=None, name: str = "llama_lora") -> Program:
+  """LlamaForCausalLM with LoRA adapters: base frozen, A/B trained with AdamW.
+
+  The batch is text only: input_ids, attention_mask, loss_mask int32 [B, seq_len].
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from emo_jax import sharding as sharding_lib
+  from emo_jax.models import lora as lora_lib
+  from emo_jax.models.llama import LlamaForCausalLM
+  from emo_jax.train import optimizer as opt_lib
+  from emo_jax.train import step as step_lib
+
+  targets = tuple(lora_targets or lora_lib.DEFAULT_TARGETS)
+
+  def build():
+    model = LlamaForCausalLM(llama_cfg, rngs=nnx.Rngs(0))
+    lora_lib.apply_lora(model, rank=lora_rank, alpha=lora_alpha, targets=targets,
+                        rngs=nnx.Rngs(1))
+    return model
+
+  graphdef, params, rngs, frozen = _split_abstract(build, lora_lib.trainable_filter())
+  tx, _ = opt_lib.make_optimizer(dict(optimizer or {"lr": 2e-4}), 1000, params)
+
+  def loss_fn(model, batch):
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    return step_lib.token_ce_sum(logits, batch["input_ids"], batch["loss_mask"])
+
+  def batch_spec(b: int) -> dict:
+    return {k: jax.ShapeDtypeStruct((b, seq_len), jnp.int32)
+            for k in ("input_ids", "attention_mask", "loss_mask")}
+
+  return Program(name=name, graphdef=graphdef, params=params, rngs=rngs, frozen=frozen, tx=tx,
+                 loss_fn=loss_fn, batch_spec=batch_spec,
+                 rules=tuple(rules or sharding_lib.RULES_FSDP),
+                 info={"seq_len": seq_len, "lora_rank": lora_rank,
+                       "trainable_params": _count(params), "frozen_params": _count(frozen),
+                       "frozen_bytes": _bytes(frozen)})
+
+
+def llama2_7b_config(**overrides):
+  """LLaMA-2-7B / Vicuna-7B v1.5 shapes (facts: 32 layers, 4096, 32 heads, FFN 11008,
+  vocab 32000); our planning defaults: bf16 storage and compute, scanned layers, full remat."""
+  import jax.numpy as jnp
+  from emo_jax.models.llama import LlamaConfig
+  kw = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+            dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=True,
+            remat_policy="full")
+  kw.update(overrides)
+  return LlamaConfig(**kw)
+
+
+def program_from_config(config) -> Program:
+  """The train-step program a `configs/*.py` config describes (abstract shapes only)."""
+  from emo_jax import sharding as sharding_lib
+  rules = _config_rules(config, sharding_lib)
+  model_cfg = config.get("model") if hasattr(config, "get") else None
+  if model_cfg is not None and "llama" in model_cfg and "kind" in model_cfg and (
+      model_cfg.kind == "llama"):
+    from emo_jax.models.llama import LlamaConfig
+    llama = LlamaConfig(**dict(model_cfg.llama))
+    lora = config.get("lora", {})
+    return llama_lora_program(llama, seq_len=int(config.data.max_length),
+                              lora_rank=int(lora.get("rank", 8)),
+                              lora_alpha=float(lora.get("alpha", 16.0)),
+                              optimizer=dict(config.get("optimizer", {})), rules=rules,
+                              name=str(config.get("name", "llama_lora")))
+  raise ValueError("memory_plan: this config has no model section it knows (model.kind)")
+
+
+def _config_rules(config, sharding_lib):
+  sh = config.get("sharding") if hasattr(config, "get") else None
+  if sh is not None and sh.get("rules") is not None:
+    rules = sh.rules
+    if isinstance(rules, str):
+      return sharding_lib.PRESETS[rules]
+    return tuple((str(k), v if v is None or isinstance(v, str) else tuple(v)) for k, v in rules)
+  return sharding_lib.RULES_FSDP
+
+
+# ----------------------------------------------------------------------------- compile + read
+
+
+def abstract_train_state(program: Program):
+  import jax
+  from emo_jax.train import state as state_lib
+  return jax.eval_shape(lambda p, r: state_lib.create_train_state(p, r, program.tx),
+                        program.params, program.rngs)
+
+
+def compile_step(program: Program, mesh, global_batch: int):
+  """Lower + compile the sharded, donated train step for abstract inputs."""
+  import jax
+  from emo_jax import sharding as sharding_lib
+  from emo_jax.train import step as step_lib
+  state = abstract_train_state(program)
+  state_sh = sharding_lib.state_shardings(state, mesh, program.rules)
+  frozen_sh = sharding_lib.state_shardings(program.frozen, mesh, program.rules)
+  batch = program.batch_spec(global_batch)
+  batch_sh = step_lib.batch_sharding(mesh)
+  fn = step_lib.jit_train_step(program.graphdef, program.tx, program.loss_fn,
+                               state_shardings=state_sh, frozen_shardings=frozen_sh,
+                               batch_sharding=batch_sh, accum_steps=program.accum_steps,
+                               compute_dtype=program.compute_dtype)
+  with sharding_lib.use_mesh_rules(mesh, program.rules), jax.set_mesh(mesh):
+    lowered = fn.lower(state, program.frozen, batch)
+  return lowered.compile()
+
+
+def read_stats(compiled) -> dict:
+  """Per-device bytes from memory_analysis() and flops from cost_analysis()."""
+  m = compiled.memory_analysis()
+  if m is None:
+    raise RuntimeError("this backend returns no memory_analysis()")
+  stats = {
+    "argument_bytes": int(m.argument_size_in_bytes),
+    "output_bytes": int(m.output_size_in_bytes),
+    "alias_bytes": int(m.alias_size_in_bytes),
+    "temp_bytes": int(m.temp_size_in_bytes),
+    "generated_code_bytes": int(m.generated_code_size_in_bytes),
+  }
+  stats["peak_bytes"] = (stats["argument_bytes"] + stats["output_bytes"]
+                         - stats["alias_bytes"] + stats["temp_bytes"])
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  stats["flops_per_device"] = float((cost or {}).get("flops", float("nan")))
+  return stats
+
+
+def _sub_jaxprs(value):
+  """Jaxprs nested in an equation parameter (ClosedJaxpr, Jaxpr, or sequences of them)."""
+  from jax.extend import core
+  if isinstance(value, core.ClosedJaxpr):
+    return [value.jaxpr]
+  if isinstance(value, core.Jaxpr):
+    return [value]
+  if isinstance(value, (tuple, list)):
+    return [j for v in value for j in _sub_jaxprs(v)]
+  return []
+
+
+def jaxpr_matmul_flops(jaxpr) -> tuple[float, int]:
+  """Matmul + convolution FLOPs of a jaxpr, loop trip counts included.
+
+  Counts 2*M*N*K per dot_general and per convolution (the usual model-FLOPs convention;
+  elementwise work is ignored). `scan` bodies count `length` times, `cond` takes its most
+  expensive branch, remat / pjit / custom-derivative calls recurse. Returns
+  (flops, number of `while` loops whose trip count is unknown and counted once).
+  """
+  import numpy as np
+  total, unknown = 0.0, 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lc, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      k = float(np.prod([lhs[d] for d in lc])) if lc else 1.0
+      total += 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * k
+      continue
+    if name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      dn = eqn.params["dimension_numbers"]
+      out_feature_dim = dn.rhs_spec[0]
+      per_out = float(np.prod(rhs)) / rhs[out_feature_dim]
+      total += 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * per_out
+      continue
+    subs = [(k, j) for k, v in eqn.params.items() for j in _sub_jaxprs(v)]
+    if not subs:
+      continue
+    counted = [jaxpr_matmul_flops(j) for _, j in subs]
+    if name == "cond":
+      total += max(c[0] for c in counted)
+      unknown += max(c[1] for c in counted)
+      continue
+    mult = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
+    if name == "while":
+      unknown += 1
+    total += mult * sum(c[0] for c in counted)
+    unknown += sum(c[1] for c in counted)
+  return total, unknown
+
+
+def step_matmul_flops(program: Program, global_batch: int) -> tuple[float, int]:
+  """Matmul FLOPs of one whole train step (all devices) from its jaxpr."""
+  import jax
+  from emo_jax.train import step as step_lib
+  state = abstract_train_state(program)
+  fn = functools.partial(step_lib.train_step, program.graphdef, program.tx, program.loss_fn,
+                         accum_steps=program.accum_steps, compute_dtype=program.compute_dtype)
+  closed = jax.make_jaxpr(fn)(state, program.frozen, program.batch_spec(global_batch))
+  return jaxpr_matmul_flops(closed.jaxpr)
+
+
+class Planner:
+  """Compiles a program at several micro-batches, caching the stats per micro-batch."""
+
+  def __init__(self, program: Program, mesh, log: Callable[[str], None] | None = None):
+    self.program = program
+    self.mesh = mesh
+    self.batch_devices = int(mesh.shape["data"] * mesh.shape["fsdp"])
+    self.results: dict[int, dict] = {}
+    self.log = log or (lambda s: None)
+
+  def stats(self, micro_batch: int) -> dict:
+    if micro_batch < 1:
+      raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    if micro_batch not in self.results:
+      t0 = time.perf_counter()
+      compiled = compile_step(self.program, self.mesh, micro_batch * self.batch_devices)
+      s = read_stats(compiled)
+      s["micro_batch"] = micro_batch
+      s["global_batch"] = micro_batch * self.batch_devices
+      s["xla_flops_per_step"] = s["flops_per_device"] * self.mesh.size
+      s["matmul_flops_per_step"], s["while_loops_counted_once"] = step_matmul_flops(
+        self.program, micro_batch * self.batch_devices)
+      s["compile_seconds"] = round(time.perf_counter() - t0, 2)
+      self.results[micro_batch] = s
+      self.log(f"micro_batch={micro_batch}: peak {s['peak_bytes'] / GiB:.2f} GiB/device "
+               f"(temp {s['temp_bytes'] / GiB:.2f}), compiled in {s['compile_seconds']} s")
+    return self.results[micro_batch]
+
+  def fits(self, micro_batch: int, budget_bytes: float) -> bool:
+    return self.stats(micro_batch)["peak_bytes"] <= budget_bytes
+
+  def max_micro_batch(self, budget_bytes: float, limit: int = 4096) -> int:
+    """Largest micro-batch whose compiled peak fits `budget_bytes` (0 if none does).
+
+    Secant search on compiled points: a line through the two evaluated points nearest
+    the budget predicts the boundary, the prediction is compiled, and the bracket
+    [largest fitting, smallest not fitting] shrinks until its ends are neighbours.
+    """
+    if not self.fits(1, budget_bytes):
+      return 0
+    self.stats(2)
+    while True:
+      fit = [b for b, r in self.results.items() if r["peak_bytes"] <= budget_bytes]
+      over = [b for b, r in self.results.items() if r["peak_bytes"] > budget_bytes]
+      lo, hi = max(fit), (min(over) if over else limit + 1)
+      if hi - lo <= 1:
+        return min(lo, limit)
+      near = sorted(self.results, key=lambda b: abs(self.results[b]["peak_bytes"]
+                                                    - budget_bytes))[:2]
+      (b0, b1) = sorted(near)
+      p0, p1 = self.results[b0]["peak_bytes"], self.results[b1]["peak_bytes"]
+      slope = max((p1 - p0) / (b1 - b0), 1.0)
+      guess = int(b0 + (budget_bytes - p0) // slope)
+      self.stats(min(max(guess, lo + 1), hi - 1))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plan_report(planner: Planner, micro_batch: int, budgets_gib: Mapping[str, float],
+                search: bool = True) -> dict:
+  program = planner.program
+  mesh = planner.mesh
+  report = {
+    "program": program.name,
+    "devices": int(mesh.size),
+    "mesh": {k: int(v) for k, v in mesh.shape.items()},
+    "rules": [[k, v] for k, v in program.rules],
+    "backend": "cpu (fake devices); XLA:CPU buffer assignment",
+    "info": program.info,
+    "at_micro_batch": planner.stats(micro_batch),
+    "budgets_gib": dict(budgets_gib),
+    "max_micro_batch": {},
+  }
+  if search:
+    for name, gib in budgets_gib.items():
+      report["max_micro_batch"][name] = planner.max_micro_batch(gib * GiB)
+  report["evaluated"] = [planner.results[b] for b in sorted(planner.results)]
+  return report
+
+
+def to_markdown(report: dict, command: str) -> str:
+  s = report["at_micro_batch"]
+  mesh = report["mesh"]
+  lines = [
+    f"# Memory plan: {report['program']}",
+    "",
+    f"Command: `{command}`",
+    "",
+    f"Mesh {mesh} on {report['devices']} fake CPU devices; rules: "
+    + ", ".join(f"{k}->{v}" for k, v in report["rules"]) + ".",
+    "Everything abstract (ShapeDtypeStruct + NamedSharding); numbers are XLA:CPU's "
+    "per-device buffer assignment of the compiled SPMD step (see emo_jax/memory_plan.py for "
+    "caveats: TPU compilers differ, so confirm on hardware).",
+    "",
+  ]
+  info = report.get("info", {})
+  if info:
+    lines += ["| model | value |", "|---|---|"]
+    lines += [f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v} |"
+              for k, v in info.items()]
+    lines.append("")
+  lines += [
+    f"## Per device at micro-batch {s['micro_batch']} (global batch {s['global_batch']})",
+    "",
+    "| quantity | GiB |",
+    "|---|---|",
+    f"| arguments (train state + frozen weights + batch) | {s['argument_bytes'] / GiB:.3f} |",
+    f"| outputs | {s['output_bytes'] / GiB:.3f} |",
+    f"| aliased (donated state) | {s['alias_bytes'] / GiB:.3f} |",
+    f"| temporaries | {s['temp_bytes'] / GiB:.3f} |",
+    f"| **peak = args + outputs - aliased + temps** | **{s['peak_bytes'] / GiB:.3f}** |",
+    "",
+    f"FLOPs per step (global batch {s['global_batch']}): {s['matmul_flops_per_step']:.4g} "
+    "matmul/conv FLOPs counted from the step's jaxpr (scan trip counts included, remat "
+    f"recompute included); XLA cost_analysis says {s['xla_flops_per_step']:.4g} "
+    f"({s['flops_per_device']:.4g} per device), which counts each loop body once "
+    "(scanned layers!), so it undercounts.",
+    "",
+  ]
+  if report["max_micro_batch"]:
+    lines += ["## Largest per-device micro-batch that fits", "",
+              "| chip | HBM GiB | max micro-batch | peak GiB at it |", "|---|---|---|---|"]
+    by_b = {r["micro_batch"]: r for r in report["evaluated"]}
+    for name, b in report["max_micro_batch"].items():
+      peak = f"{by_b[b]['peak_bytes'] / GiB:.2f}" if b in by_b else "-"
+      lines.append(f"| {name} | {report['budgets_gib'][name]:g} | {b} | {peak} |")
+    lines.append("")
+  lines += ["## All compiled points", "",
+            "| micro-batch | global batch | peak GiB | temp GiB | matmul TFLOPs/step | compile s |",
+            "|---|---|---|---|---|---|"]
+  for r in report["evaluated"]:
+    lines.append(f"| {r['micro_batch']} | {r['global_batch']} | {r['peak_bytes'] / GiB:.2f} | "
+                 f"{r['temp_bytes'] / GiB:.2f} | {r['matmul_flops_per_step'] / 1e12:.1f} | "
+                 f"{r['compile_seconds']} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: str | os.PathLike, command: str) -> tuple[pathlib.Path, ...]:
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  j, m = out.with_suffix(".json"), out.with_suffix(".md")
+  j.write_text(json.dumps({**report, "command": command}, indent=1) + "\n")
+  m.write_text(to_markdown(report, command))
+  return j, m
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parse_mesh(text: str) -> tuple[int, int, int]:
+  parts = tuple(int(p) for p in text.split(","))
+  if len(parts) != 3:
+    raise ValueError(f"--mesh must be data,fsdp,tensor, got {text!r}")
+  return parts
+
+
+def _force_devices(n: int) -> None:
+  """Ask for n fake CPU devices; must run before jax's backend starts."""
+  flag = f"--xla_force_host_platform_device_count={n}"
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [flag])
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def expected_argument_bytes(program: Program, mesh, global_batch: int) -> int:
+  """Per-device bytes of the step's inputs, from their shardings' shard shapes (a check on
+  memory_analysis(): every argument is one shard per device)."""
+  import jax
+  import numpy as np
+  from emo_jax import sharding as sharding_lib
+  from emo_jax.train import step as step_lib
+  from flax import nnx
+  state = abstract_train_state(program)
+  total = 0
+  for tree in (state, program.frozen):
+    shardings = sharding_lib.state_shardings(tree, mesh, program.rules)
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    for leaf, sh in zip(jax.tree.leaves(tree, is_leaf=is_var),
+                        jax.tree.leaves(shardings, is_leaf=is_var)):
+      val = leaf.get_value() if is_var(leaf) else leaf
+      sh = sh.get_value() if is_var(sh) else sh
+      total += math.prod(sh.shard_shape(val.shape)) * np.dtype(val.dtype).itemsize
+  bsh = step_lib.batch_sharding(mesh)
+  for x in jax.tree.leaves(program.batch_spec(global_batch)):
+    total += math.prod(bsh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+  return int(total)
+
+
+def run_plan(program: Program, mesh_shape: Sequence[int], micro_batch: int = 1,
+             search: bool = True, budgets_gib: Mapping[str, float] | None = None,
+             out: str | None = None, command: str = "", log=print) -> dict:
+  """Plan `program` on a mesh of the current (fake) devices; optionally write the report."""
+  from emo_jax import sharding as sharding_lib
+  mesh = sharding_lib.make_mesh(tuple(mesh_shape))
+  planner = Planner(program, mesh, log=log)
+  report = plan_report(planner, micro_batch, budgets_gib or BUDGETS_GIB, search=search)
+  if out:
+    for p in write_report(report, out, command):
+      log(f"wrote {p}")
+  return report
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags
+  del argv
+  f = flags.FLAGS
+  _force_devices(f.devices)
+  import jax
+  jax.config.update("jax_platforms", "cpu")
+  from emo_jax import sharding as sharding_lib
+  if len(jax.devices()) != f.devices:
+    raise RuntimeError(f"wanted {f.devices} fake devices, jax has {len(jax.devices())} (the "
+                       "backend started before --devices could apply)")
+  if f.config is not None:
+    program = program_from_config(f.config)
+  else:
+    program = llama_lora_program(llama2_7b_config(), seq_len=f.seq_len, lora_rank=8,
+                                 name="llama2_7b_lora_r8")
+  if f.rules:
+    program.rules = sharding_lib.PRESETS[f.rules]
+  command = "python -m emo_jax.memory_plan " + " ".join(sys.argv[1:])
+  report = run_plan(program, _parse_mesh(f.mesh), f.micro_batch, f.search, out=f.out,
+                    command=command, log=lambda s: print(s, flush=True))
+  print(to_markdown(report, command))
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "configs/*.py[:arg] file", lock_config=False)
+  flags.DEFINE_integer("devices", 8, "number of fake CPU devices")
+  flags.DEFINE_string("mesh", "1,8,1", "data,fsdp,tensor mesh shape")
+  flags.DEFINE_integer("micro_batch", 1, "per-device micro-batch to report in full")
+  flags.DEFINE_boolean("search", True, "search the largest micro-batch for v5e / v5p HBM")
+  flags.DEFINE_enum("rules", None, ["dp", "fsdp", "fsdp_tp"], "override the config's rules")
+  flags.DEFINE_integer("seq_len", 2048, "sequence length (built-in LLaMA-7B plan, no --config)")
+  flags.DEFINE_string("out", None, "write <out>.json and <out>.md")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
