@@ -1,0 +1,519 @@
+"""EMO-LLaMA: LLaMA-VID (context + content tokens per frame) + Face Info Mining.
+
+Per frame f of a sample (shared/DESIGN.md "The model", docs/INTERFACES.md "The batch"):
+
+1. `vision_tower` (ViT, frozen by default): pixels -> X [257, Cv] (CLS + 16x16 patches).
+2. Text-guided Q-Former (`vlm_att_encoder`, queries `vlm_att_query`): the learned queries and
+   the instruction text attend to `vlm_att_ln(X)` (CLS included) -> [Q, 768];
+   `vlm_att_projector` (768 -> Cv) gives the text queries Q_t.
+3. Context token. LLaMA-VID's `token_generation` (read in dvlab-research/LLaMA-VID,
+   llamavid/model/llamavid_arch.py) does, with X_p the patch tokens (CLS dropped):
+   `K = vlm_att_key_projector(X_p)`; `s = Q_t K^T / sqrt(Cv)` where Cv is the width of the raw
+   visual features X_p (not of a projection); `ctx = mean_over_queries(softmax(s) X_p)` — the
+   values are the *raw* X_p, no value projection before the product; then
+   `vlm_att_val_projector` (Cv -> D) maps the pooled vector to one LLM token. We follow this
+   order exactly (the softmax in fp32 is our choice).
+4. Content tokens from X_p: `mean` (1 token) | `grid:g` (g*g tokens, average pooling with
+   kernel = stride = 16/g, as LLaMA-VID's avg_pool2d; we require g to divide the patch grid)
+   | `none` (all patches); then `mm_projector` = Linear(Cv->D), exact GELU, Linear(D->D)
+   (LLaMA-VID `mlp2x_gelu`; its `mm_projector.0/.2` are our `linear_1/linear_2`).
+5. Face tokens (EMO-LLaMA): `face_mining` over the frozen face prior's global + local
+   features (computed by `face_prior` from `face_crops`, or precomputed in the batch).
+
+Per frame the tokens are `[context, content..., face...]` (LLaMA-VID order for the first two;
+appending the face tokens is our choice). The pipeline expands the `<image>` placeholder into
+`F * tokens_per_frame` slots holding IMAGE_TOKEN_ID; frame f token j goes to the
+(f * tokens_per_frame + j)-th such slot. Slots of padding frames get a zero embedding and
+attention-mask 0, so padding frames contribute nothing; position ids come from the mask.
+
+Frames are folded into the batch ([B*F, ...]) for the ViT, Q-Former and face modules; the
+Q-Former text of a sample is repeated for each of its frames (as LLaMA-VID does).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emo_jax.models.face import AGR_TEMPLATE, FaceInfoMining, FaceMiningConfig
+from emo_jax.models.face_prior import FacePriors, TinyFacePrior, TinyFacePriorConfig
+from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from emo_jax.models.qformer import QFormerConfig, QFormerModel
+from emo_jax.models.vit import VisionConfig, VisionTransformer
+from emo_jax.sharding import constrain
+
+IMAGE_TOKEN_ID = -200
+FACE_PRIORS = ("tiny", "facexformer", "precomputed")
+
+# Parameter groups (regex over '/'-joined parameter paths). 'lora' is the LoRA parameters
+# (nnx.LoRAParam) inside the LLM, 'llm' the LLM's base weights.
+PARAM_GROUPS: dict[str, str] = {
+  "vision": r"^vision_tower/",
+  "qformer": r"^(vlm_att_encoder/|vlm_att_query$|vlm_att_ln/)",
+  "projectors": r"^(vlm_att_projector|vlm_att_key_projector|vlm_att_val_projector|mm_projector)/",
+  "face": r"^face_mining/",
+  "face_prior": r"^face_prior/",
+  "llm": r"^language_model/",
+  "lora": r"^language_model/",
+}
+DEFAULT_TRAINABLE = ("qformer", "projectors", "face", "lora")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _to_jsonable(x: Any) -> Any:
+  if dataclasses.is_dataclass(x):
+    return {f.name: _to_jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
+  if isinstance(x, Mapping):
+    return {k: _to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_to_jsonable(v) for v in x]
+  if isinstance(x, (np.dtype, type)) or (hasattr(x, "dtype") and not hasattr(x, "shape")):
+    return jnp.dtype(x).name
+  return x
+
+
+def _from_jsonable(cls: type, d: Mapping[str, Any]) -> Any:
+  """Rebuild a (flat) config dataclass: lists -> tuples, dtype names -> jnp dtypes."""
+  kw = {}
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(d) - names
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+  for k, v in d.items():
+    if k in ("dtype", "param_dtype") and isinstance(v, str):
+      v = jnp.dtype(v)
+    elif isinstance(v, list):
+      v = tuple(v)
+    kw[k] = v
+  return cls(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmoLlamaConfig:
+  """The whole model as data.
+
+  LLaMA-VID facts: 32 Q-Former queries (`qformer.num_query_tokens`), compress_type 'mean' for video ('grid:g' in the grid
+  variants), vlm_att_ln is a torch LayerNorm (eps 1e-5). EMO-LLaMA facts: face tokens from a
+  frozen face prior, AGR sentence in the prompt. Our choices: the face module sizes
+  (`face`), the tiny prior, the token order [context, content, face].
+
+  face_prior: 'tiny' (TinyFacePrior inside the model), 'facexformer' (emo_jax.models.facexformer,
+  config in `facexformer`), or 'precomputed' (the batch carries `face_global`/`face_local`).
+  `face.out_dim` is forced to the LLM width. trainable: parameter groups the optimiser sees
+  (keys of PARAM_GROUPS; 'face_prior' is never trainable). lora_rank > 0 applies LoRA to the LLM.
+  """
+  llm: LlamaConfig
+  vision: VisionConfig
+  qformer: QFormerConfig
+  compress_type: str = "mean"
+  use_face: bool = True
+  face_prior: str = "tiny"
+  tiny_face_prior: TinyFacePriorConfig = TinyFacePriorConfig()
+  facexformer: Mapping[str, Any] | None = None
+  face: FaceMiningConfig = FaceMiningConfig()
+  agr_template: str = AGR_TEMPLATE
+  vlm_att_ln_eps: float = 1e-5
+  image_token_id: int = IMAGE_TOKEN_ID
+  trainable: tuple[str, ...] = DEFAULT_TRAINABLE
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] | None = None
+
+  def __post_init__(self):
+    if self.face_prior not in FACE_PRIORS:
+      raise ValueError(f"face_prior must be one of {FACE_PRIORS}, got {self.face_prior!r}")
+    bad = set(self.trainable) - set(PARAM_GROUPS)
+    if bad:
+      raise ValueError(f"unknown trainable groups {sorted(bad)}; known: {sorted(PARAM_GROUPS)}")
+    if "face_prior" in self.trainable:
+      raise ValueError("the face prior is always frozen; remove 'face_prior' from trainable")
+    if "lora" in self.trainable and self.lora_rank <= 0:
+      raise ValueError("'lora' is trainable but lora_rank is 0 (set lora_rank > 0 or drop 'lora')")
+    object.__setattr__(self, "trainable", tuple(self.trainable))
+    if self.face.out_dim != self.llm.hidden_size:
+      object.__setattr__(self, "face", dataclasses.replace(self.face, out_dim=self.llm.hidden_size))
+    if self.use_face and self.face_prior == "tiny" and (
+        self.face.face_dim != self.tiny_face_prior.feat_dim):
+      raise ValueError(f"face.face_dim {self.face.face_dim} != tiny_face_prior.feat_dim "
+                       f"{self.tiny_face_prior.feat_dim}")
+    self.num_content_tokens  # validates compress_type
+
+  @property
+  def grid_size(self) -> int:
+    return self.vision.image_size // self.vision.patch_size
+
+  @property
+  def num_content_tokens(self) -> int:
+    c = self.compress_type
+    if c == "mean":
+      return 1
+    if c == "none":
+      return self.grid_size ** 2
+    m = re.fullmatch(r"grid:(\d+)", c)
+    if not m:
+      raise ValueError(f"compress_type must be 'mean', 'none' or 'grid:g', got {c!r}")
+    g = int(m.group(1))
+    if g < 1 or self.grid_size % g:
+      raise ValueError(f"grid size {g} must divide the patch grid {self.grid_size}")
+    return g * g
+
+  @property
+  def num_face_tokens(self) -> int:
+    return self.face.num_tokens if self.use_face else 0
+
+  @property
+  def tokens_per_frame(self) -> int:
+    return 1 + self.num_content_tokens + self.num_face_tokens
+
+  def replace(self, **kw) -> "EmoLlamaConfig":
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def tiny(cls, **overrides) -> "EmoLlamaConfig":
+    """A few-thousand-parameter model for tests and the CPU default config (sizes are ours):
+    EVA-style ViT 16 px / patch 4 (4x4 grid), 2-layer Q-Former with 4 queries, 2-layer LLaMA
+    of width 32 and vocab 128, tiny face prior and 2 face tokens."""
+    kw: dict[str, Any] = dict(
+        llm=LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=512),
+        vision=VisionConfig(kind="eva", hidden_size=24, intermediate_size=48,
+                            num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                            image_size=16, layer_norm_eps=1e-6, hidden_act="gelu",
+                            feature_layer=-1),
+        qformer=QFormerConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=32,
+                              max_position_embeddings=32, encoder_hidden_size=24,
+                              num_query_tokens=4),
+        compress_type="grid:2",
+        tiny_face_prior=TinyFacePriorConfig(image_size=32, channels=(4, 8), feat_dim=8,
+                                            global_grid=2),
+        face=FaceMiningConfig(face_dim=8, hidden_dim=16, num_heads=2, num_tokens=2,
+                              qformer_dim=16),
+        lora_rank=2)
+    kw.update(overrides)
+    return cls(**kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return _to_jsonable(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "EmoLlamaConfig":
+    d = dict(d)
+    sub = {"llm": LlamaConfig, "vision": VisionConfig, "qformer": QFormerConfig,
+           "tiny_face_prior": TinyFacePriorConfig, "face": FaceMiningConfig}
+    for k, c in sub.items():
+      if k in d:
+        d[k] = _from_jsonable(c, d[k])
+    if d.get("trainable") is not None:
+      d["trainable"] = tuple(d["trainable"])
+    if d.get("lora_targets") is not None:
+      d["lora_targets"] = tuple(d["lora_targets"])
+    return cls(**d)
+
+
+def dummy_batch(config: EmoLlamaConfig, frames_per_sample: Sequence[int], *, num_frames: int,
+                prefix_len: int = 3, answer_len: int = 4, qformer_len: int = 5,
+                seed: int = 0, face: str = "crops") -> dict[str, np.ndarray]:
+  """A random batch in the INTERFACES.md layout (right-padded, for tests and benchmarks).
+
+  Sample i has `frames_per_sample[i]` real frames of `num_frames`; its ids are
+  `[prefix, F * tokens_per_frame image slots, answer, padding]` with loss on the answer.
+  face: 'crops' (face_crops) | 'precomputed' (face_global/face_local) | 'none'.
+  """
+  rng = np.random.default_rng(seed)
+  b, f, tpf = len(frames_per_sample), num_frames, config.tokens_per_frame
+  if not all(1 <= n <= f for n in frames_per_sample):
+    raise ValueError(f"frames_per_sample {frames_per_sample} must be in [1, {f}]")
+  vocab = config.llm.vocab_size
+  s = config.vision.image_size
+  frame_mask = np.arange(f)[None] < np.asarray(frames_per_sample)[:, None]
+  frames = rng.normal(size=(b, f, s, s, 3)).astype(np.float32) * frame_mask[..., None, None, None]
+  lengths = [prefix_len + f * tpf + answer_len - (i % 2) for i in range(b)]
+  t = max(lengths)
+  input_ids = np.zeros((b, t), np.int32)
+  attention_mask = np.zeros((b, t), np.int32)
+  loss_mask = np.zeros((b, t), np.int32)
+  for i, n in enumerate(lengths):
+    ids = rng.integers(3, vocab, size=n)
+    ids[prefix_len:prefix_len + f * tpf] = config.image_token_id
+    input_ids[i, :n] = ids
+    attention_mask[i, :n] = 1
+    slots = prefix_len + np.arange(f * tpf)
+    attention_mask[i, slots[~np.repeat(frame_mask[i], tpf)]] = 0
+    loss_mask[i, prefix_len + f * tpf + 1:n] = 1
+  qids = rng.integers(1, config.qformer.vocab_size, size=(b, qformer_len)).astype(np.int32)
+  qmask = np.ones((b, qformer_len), np.int32)
+  qmask[1::2, -2:] = 0
+  qids[qmask == 0] = 0
+  batch = dict(frames=frames, frame_mask=frame_mask, qformer_ids=qids, qformer_mask=qmask,
+               input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
+               label=np.full((b,), -1, np.int32))
+  if face == "crops":
+    fs = config.tiny_face_prior.image_size
+    batch["face_crops"] = rng.normal(size=(b, f, fs, fs, 3)).astype(np.float32)
+  elif face == "precomputed":
+    cf = config.face.face_dim
+    batch["face_global"] = rng.normal(size=(b, f, 4, cf)).astype(np.float32)
+    batch["face_local"] = rng.normal(size=(b, f, 68, cf)).astype(np.float32)
+  elif face != "none":
+    raise ValueError(f"face must be 'crops', 'precomputed' or 'none', got {face!r}")
+  return batch
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def _group_filter(group: str):
+  pattern = re.compile(PARAM_GROUPS[group])
+
+  def f(path, value) -> bool:
+    if not isinstance(value, nnx.Param) or not pattern.search(_path_str(path)):
+      return False
+    is_lora = isinstance(value, nnx.LoRAParam)
+    if group == "lora":
+      return is_lora
+    return not is_lora if group == "llm" else True
+  return f
+
+
+def group_filter(group: str):
+  """nnx filter `(path, variable) -> bool` selecting the parameters of one PARAM_GROUPS group."""
+  if group not in PARAM_GROUPS:
+    raise ValueError(f"unknown group {group!r}; known: {sorted(PARAM_GROUPS)}")
+  return _group_filter(group)
+
+
+def trainable_filter(config: EmoLlamaConfig):
+  """nnx filter selecting exactly the parameters of `config.trainable` (for nnx.split / grads)."""
+  filters = [_group_filter(g) for g in config.trainable]
+
+  def f(path, value) -> bool:
+    return any(g(path, value) for g in filters)
+  return f
+
+
+def param_groups(model: nnx.Module) -> dict[str, list[str]]:
+  """Every parameter path of `model`, by group (a path outside all groups is an error)."""
+  out: dict[str, list[str]] = {g: [] for g in PARAM_GROUPS}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    hits = [g for g in PARAM_GROUPS if _group_filter(g)(path, var)]
+    if not hits:
+      raise ValueError(f"parameter {_path_str(path)} belongs to no group")
+    for g in hits:
+      out[g].append(_path_str(path))
+  return out
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class MMProjector(nnx.Module):
+  """LLaMA-VID `mlp2x_gelu`: Linear(Cv -> D), exact GELU, Linear(D -> D)."""
+
+  def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs):
+    self.linear_1 = nnx.Linear(d_in, d_out, rngs=rngs,
+                               kernel_metadata={"out_sharding": ("vit_embed", "embed")})
+    self.linear_2 = nnx.Linear(d_out, d_out, rngs=rngs,
+                               kernel_metadata={"out_sharding": ("embed", "embed")})
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
+
+
+def _build_face_prior(config: EmoLlamaConfig, rngs: nnx.Rngs):
+  if not config.use_face or config.face_prior == "precomputed":
+    return None
+  if config.face_prior == "tiny":
+    return TinyFacePrior(config.tiny_face_prior, rngs=rngs)
+  from emo_jax.models import facexformer  # the real network; separate module, same interface
+  cfg = facexformer.FaceXFormerConfig(**dict(config.facexformer or {}))
+  return facexformer.FaceXFormer(cfg, rngs=rngs)
+
+
+class EmoLlama(nnx.Module):
+  """The whole EMO-LLaMA model. Parameter names follow LLaMA-VID (`vlm_att_*`, `mm_projector`)."""
+
+  def __init__(self, config: EmoLlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    cv = config.vision.hidden_size
+    d = config.llm.hidden_size
+    qd = config.qformer.hidden_size
+    self.vision_tower = VisionTransformer(config.vision, rngs=rngs)
+    self.vlm_att_encoder = QFormerModel(config.qformer, rngs=rngs)
+    self.vlm_att_query = nnx.Param(
+        0.02 * jax.random.normal(rngs.params(), (1, config.qformer.num_query_tokens, qd),
+                                 config.qformer.param_dtype),
+        out_sharding=(None, None, "qformer_embed"))
+    self.vlm_att_ln = nnx.LayerNorm(cv, epsilon=config.vlm_att_ln_eps, rngs=rngs,
+                                    scale_metadata={"out_sharding": ("norm",)},
+                                    bias_metadata={"out_sharding": ("norm",)})
+    self.vlm_att_projector = nnx.Linear(
+        qd, cv, rngs=rngs, kernel_metadata={"out_sharding": ("qformer_embed", "vit_embed")})
+    self.vlm_att_key_projector = nnx.Linear(
+        cv, cv, rngs=rngs, kernel_metadata={"out_sharding": ("vit_embed", "vit_embed")})
+    self.vlm_att_val_projector = nnx.Linear(
+        cv, d, rngs=rngs, kernel_metadata={"out_sharding": ("vit_embed", "embed")})
+    self.mm_projector = MMProjector(cv, d, rngs=rngs)
+    self.face_prior = _build_face_prior(config, rngs)
+    self.face_mining = FaceInfoMining(config.face, rngs=rngs) if config.use_face else None
+    self.language_model = LlamaForCausalLM(config.llm, rngs=rngs)
+    if config.lora_rank > 0:
+      from emo_jax.models import lora
+      kw = {} if config.lora_targets is None else {"targets": config.lora_targets}
+      lora.apply_lora(self.language_model, rank=config.lora_rank, alpha=config.lora_alpha,
+                      rngs=rngs, **kw)
+
+  # -- per-frame visual tokens -------------------------------------------------------------
+
+  def qformer_queries(self, feats: jax.Array, qformer_ids: jax.Array,
+                      qformer_mask: jax.Array) -> jax.Array:
+    """Q-Former query outputs [N, Q, 768] for ViT features [N, 1+P, Cv] and text [N, Tq]."""
+    n = feats.shape[0]
+    query = jnp.broadcast_to(self.vlm_att_query[...], (n,) + self.vlm_att_query.shape[1:])
+    mask = jnp.concatenate([jnp.ones((n, query.shape[1]), qformer_mask.dtype), qformer_mask], 1)
+    return self.vlm_att_encoder(query, qformer_ids, mask, self.vlm_att_ln(feats))
+
+  def context_token(self, text_q: jax.Array, patches: jax.Array) -> jax.Array:
+    """LLaMA-VID context token: text_q [N, Q, Cv], patches [N, P, Cv] -> [N, 1, D]."""
+    keys = self.vlm_att_key_projector(patches)
+    scores = jnp.einsum("nqc,npc->nqp", text_q, keys, preferred_element_type=jnp.float32)
+    att = jax.nn.softmax(scores / np.sqrt(patches.shape[-1]), axis=-1)
+    ctx = jnp.einsum("nqp,npc->nqc", att.astype(patches.dtype), patches).mean(axis=1)
+    return self.vlm_att_val_projector(ctx)[:, None]
+
+  def content_tokens(self, patches: jax.Array) -> jax.Array:
+    """compress_type pooling of the patch grid, then mm_projector: [N, P, Cv] -> [N, n, D]."""
+    cfg = self.config
+    n, p, c = patches.shape
+    if cfg.compress_type == "mean":
+      pooled = patches.mean(axis=1, keepdims=True)
+    elif cfg.compress_type == "none":
+      pooled = patches
+    else:
+      side = int(round(p ** 0.5))
+      if side * side != p:
+        raise ValueError(f"{p} patches do not form a square grid")
+      g = int(cfg.compress_type.split(":")[1])
+      if side % g:
+        raise ValueError(f"grid:{g} does not divide the {side}x{side} patch grid")
+      k = side // g
+      pooled = patches.reshape(n, g, k, g, k, c).mean(axis=(2, 4)).reshape(n, g * g, c)
+    return self.mm_projector(pooled)
+
+  def face_priors(self, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+    """(global [N, G, Cf], local [N, L, Cf]) from precomputed priors or the frozen prior net."""
+    if "face_global" in batch and "face_local" in batch:
+      g, loc = batch["face_global"], batch["face_local"]
+      g = g.reshape((-1,) + g.shape[2:])
+      loc = loc.reshape((-1,) + loc.shape[2:])
+    elif "face_crops" in batch and self.face_prior is not None:
+      crops = batch["face_crops"]
+      priors: FacePriors = self.face_prior(crops.reshape((-1,) + crops.shape[2:]))
+      g, loc = priors.global_feats, priors.local_feats
+    else:
+      raise ValueError("face tokens need `face_crops` (with a face prior network) or precomputed "
+                       "`face_global` and `face_local` in the batch")
+    # The face prior is always frozen (EMO-LLaMA): no gradient flows into it.
+    return jax.lax.stop_gradient(g), jax.lax.stop_gradient(loc)
+
+  def encode_frames(self, batch: Mapping[str, Any]) -> jax.Array:
+    """Visual tokens [B, F * tokens_per_frame, D] in slot order (padding frames included)."""
+    cfg = self.config
+    frames = batch["frames"]
+    b, f = frames.shape[:2]
+    feats = self.vision_tower(frames.reshape((b * f,) + frames.shape[2:]))
+    if "vision" not in cfg.trainable:
+      feats = jax.lax.stop_gradient(feats)
+    qids = jnp.repeat(jnp.asarray(batch["qformer_ids"]), f, axis=0)
+    qmask = jnp.repeat(jnp.asarray(batch["qformer_mask"]), f, axis=0)
+    q_out = self.qformer_queries(feats, qids, qmask)
+    text_q = self.vlm_att_projector(q_out)
+    patches = feats[:, 1:]
+    parts = [self.context_token(text_q, patches), self.content_tokens(patches)]
+    if cfg.use_face:
+      g, loc = self.face_priors(batch)
+      if g.shape[0] != b * f:
+        raise ValueError(f"face priors for {g.shape[0]} frames, expected {b * f}")
+      parts.append(self.face_mining(g, loc, q_out if cfg.face.query_mode == "qformer" else None))
+    dtype = cfg.llm.dtype
+    tokens = jnp.concatenate([p.astype(dtype) for p in parts], axis=1)
+    tokens = tokens.reshape(b, f * cfg.tokens_per_frame, -1)
+    return constrain(tokens, ("batch", "length", "embed"))
+
+  # -- LLM inputs ----------------------------------------------------------------------------
+
+  def _check_slots(self, input_ids, num_frames: int) -> None:
+    if isinstance(input_ids, jax.core.Tracer):
+      return
+    counts = (np.asarray(input_ids) == self.config.image_token_id).sum(axis=1)
+    want = num_frames * self.config.tokens_per_frame
+    bad = [i for i, c in enumerate(counts) if c not in (0, want)]
+    if bad:
+      raise ValueError(f"samples {bad} have {counts[bad].tolist()} image slots; expected "
+                       f"{want} (= {num_frames} frames x {self.config.tokens_per_frame} tokens) "
+                       "or 0")
+
+  def embed_multimodal(self, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+    """(inputs_embeds [B, T, D], attention_mask [B, T]) with visual tokens in their slots."""
+    cfg = self.config
+    input_ids = batch["input_ids"]
+    frame_mask = jnp.asarray(batch["frame_mask"]).astype(bool)
+    num_frames = frame_mask.shape[1]
+    self._check_slots(input_ids, num_frames)
+    input_ids = jnp.asarray(input_ids)
+    attention_mask = jnp.asarray(batch["attention_mask"])
+    visual = self.encode_frames(batch)
+    is_img = input_ids == cfg.image_token_id
+    text = self.language_model.model.embed_tokens(jnp.where(is_img, 0, input_ids))
+    slot = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, visual.shape[1] - 1)
+    gathered = jnp.take_along_axis(visual, slot[..., None], axis=1).astype(text.dtype)
+    real = jnp.take_along_axis(frame_mask, slot // cfg.tokens_per_frame, axis=1) & is_img
+    embeds = jnp.where(is_img[..., None], jnp.where(real[..., None], gathered, 0), text)
+    mask = attention_mask * jnp.where(is_img & ~real, 0, 1).astype(attention_mask.dtype)
+    return constrain(embeds, ("batch", "length", "embed")), mask
+
+  # -- outputs -----------------------------------------------------------------------------
+
+  def __call__(self, batch: Mapping[str, Any]) -> jax.Array:
+    """fp32 logits [B, T, V] (meaningless at masked positions)."""
+    embeds, mask = self.embed_multimodal(batch)
+    return self.language_model(inputs_embeds=embeds, attention_mask=mask)
+
+  def loss(self, batch: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean NLL over `loss_mask` tokens (token t is predicted from logits at t-1).
+
+    aux: `num_tokens`, `accuracy` (greedy next-token accuracy on those tokens), `nll_sum`.
+    """
+    logits = self(batch)[:, :-1]
+    input_ids = jnp.asarray(batch["input_ids"])
+    weights = jnp.asarray(batch["loss_mask"])[:, 1:].astype(jnp.float32)
+    targets = jnp.where(weights > 0, input_ids[:, 1:], 0)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    count = weights.sum()
+    denom = jnp.maximum(count, 1.0)
+    nll_sum = (nll * weights).sum()
+    correct = ((jnp.argmax(logits, axis=-1) == targets) * weights).sum()
+    return nll_sum / denom, {"num_tokens": count, "accuracy": correct / denom, "nll_sum": nll_sum}
+
+  def generate(self, batch: Mapping[str, Any], *, max_new_tokens: int, eos_token_id,
+               pad_token_id: int, sampling=None, rng=None) -> jax.Array:
+    """Generated ids int32 [B, max_new_tokens] from a left-padded multimodal prompt."""
+    from emo_jax.models import generation
+    embeds, mask = self.embed_multimodal(batch)
+    kw = {} if sampling is None else {"sampling": sampling}
+    return generation.generate(self.language_model, inputs_embeds=embeds, attention_mask=mask,
+                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id, rng=rng, **kw)
