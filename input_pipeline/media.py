@@ -351,10 +351,21 @@ def resize_shortest_center_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def normalize(frames: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """uint8 [..., 3] -> float32 (x / 255 - mean) / std."""
-  scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
-  shift = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
-  return frames.astype(np.float32) * scale + shift
+  """uint8 [..., H, W, 3] -> float32 (x / 255 - mean) / std.
+
+  One affine per channel with cv2.transform, frame by frame (several times faster than
+  numpy broadcasting over a length-3 last axis).
+  """
+  std = np.asarray(std, np.float32)
+  m = np.zeros((3, 4), np.float32)
+  m[np.arange(3), np.arange(3)] = 1.0 / (255.0 * std)
+  m[:, 3] = -np.asarray(mean, np.float32) / std
+  shape = frames.shape
+  flat = frames.reshape((-1,) + shape[-3:]) if frames.ndim >= 3 else frames.reshape(1, 1, -1, 3)
+  out = np.empty(flat.shape, np.float32)
+  for i, f in enumerate(flat):
+    out[i] = cv2.transform(f.astype(np.float32), m)
+  return out.reshape(shape)
 
 
 def preprocess(frames: np.ndarray, size: int = 224, *, aspect: str = "pad",
