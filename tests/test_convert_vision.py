@@ -168,3 +168,48 @@ def test_load_eva_rejects_unknown_tensors_and_bf16_loads(tmp_path):
   assert m.encoder.layers.mlp.fc1.kernel.shape == (2, 32, 80)
   y = m(jnp.zeros((1, 16, 16, 3), jnp.bfloat16))
   assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+
+
+def test_load_qformer_into_model_with_bigger_vocab_and_eva_load_into(tmp_path):
+  """The in-place loaders the training task uses: an InstructBLIP Q-Former into a host with
+  LLaMA-VID's extra vocabulary row, and EVA weights into an existing VisionTransformer."""
+  from flax import nnx
+  from emo_jax.convert import eva, vision_hf
+  from emo_jax.models.qformer import QFormerConfig, QFormerModel
+  from emo_jax.models.vit import VisionConfig, VisionTransformer
+
+  tm = _tiny_instructblip(tmp_path / "iblip")
+  qcfg = QFormerConfig.from_hf_dict(tm.config.to_dict(), vocab_size=51)
+
+  class Host(nnx.Module):
+    def __init__(self):
+      self.vlm_att_encoder = QFormerModel(qcfg, rngs=nnx.Rngs(1))
+      self.vlm_att_query = nnx.Param(jnp.zeros((1, 4, 32)))
+
+  host = Host()
+  extra_row = np.asarray(host.vlm_att_encoder.embeddings.word_embeddings.embedding[...][50])
+  vision_hf.load_qformer_into(host, str(tmp_path / "iblip"))
+  np.testing.assert_array_equal(
+      np.asarray(host.vlm_att_encoder.embeddings.word_embeddings.embedding[...][50]), extra_row)
+  rng = np.random.RandomState(10)
+  ids = rng.randint(1, 50, size=(1, 3)).astype(np.int64)
+  enc = rng.randn(1, 5, 24).astype(np.float32)
+  q = tm.query_tokens.detach()
+  with torch.no_grad():
+    want = tm.qformer(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(1, 7).long(),
+                      query_embeds=q, encoder_hidden_states=torch.from_numpy(enc)
+                      ).last_hidden_state[:, :4]
+  got = host.vlm_att_encoder(host.vlm_att_query[...], jnp.asarray(ids), None, jnp.asarray(enc))
+  assert _max_diff(got, want) <= TOL
+
+  ref, sd = _eva_state(seed=11)
+  safetensors.numpy.save_file(sd, str(tmp_path / "eva.safetensors"))
+  vit = VisionTransformer(VisionConfig(kind="eva", hidden_size=32, intermediate_size=80,
+                                       num_hidden_layers=3, num_attention_heads=4, patch_size=4,
+                                       image_size=16, layer_norm_eps=1e-6, hidden_act="gelu",
+                                       feature_layer=2), rngs=nnx.Rngs(0))
+  eva.load_into(vit, str(tmp_path / "eva.safetensors"))
+  x = np.random.RandomState(12).randn(1, 16, 16, 3).astype(np.float32)
+  with torch.no_grad():
+    want = ref(_nchw(x))[1]
+  assert _max_diff(vit(jnp.asarray(x)), want) <= TOL

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.convert.safetensors_io import CheckpointError, CheckpointReader
-from emo_jax.convert.vision_hf import _get, _resize_pos, populate
+from emo_jax.convert.vision_hf import _get, _resize_pos, load_clip_vision_into, populate
 from emo_jax.models.vit import VisionConfig, VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -144,3 +144,17 @@ def load_eva_vit(path: str, dtype: Any = jnp.float32, *, allow_pickle: bool = Fa
   cfg = eva_config_from_state_dict(reader, prefix, num_attention_heads=num_attention_heads,
                                    **overrides)
   return eva_from_state_dict(reader, cfg, prefix=prefix, what=str(path))
+
+
+def load_into(module: VisionTransformer, path: str, *, allow_pickle: bool = False,
+              prefix: str = "") -> None:
+  """Overwrite a `VisionTransformer` in place, keeping its config (feature layer, image
+  size — the position table is resized if needed — scan, dtype): LAVIS EVA weights for
+  `kind='eva'`, an HF CLIP directory for `kind='clip'`."""
+  cfg = module.cfg
+  if cfg.kind == "clip":
+    load_clip_vision_into(module, path, allow_pickle=allow_pickle)
+    return
+  reader = CheckpointReader(Path(path), allow_pickle=allow_pickle)
+  new = eva_from_state_dict(reader, cfg, prefix=prefix, what=str(path))
+  nnx.update(module, nnx.state(new, nnx.Param))

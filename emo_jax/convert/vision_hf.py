@@ -341,3 +341,76 @@ def load_instructblip_qformer(path: str, dtype: Any = jnp.float32, *,
   cfg = QFormerConfig(**{**cfg.__dict__, "dtype": dtype, "param_dtype": dtype})
   return qformer_from_state_dict(reader, cfg, prefix=prefix, query_tokens_key=qt_key,
                                  what=str(p))
+
+
+# ----------------------------------------------------------------------------- in place
+
+
+def _check_same_structure(src: nnx.Module, dst: nnx.Module, what: str,
+                          allow_bigger: tuple[str, ...] = ()) -> None:
+  s = {_path_str(p): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(src, nnx.Param))}
+  d = {_path_str(p): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(dst, nnx.Param))}
+  bad = sorted(k for k in set(s) | set(d)
+               if s.get(k) != d.get(k) and not (k in allow_bigger and k in s and k in d))
+  if bad:
+    raise CheckpointError(f"{what}: checkpoint and model differ at "
+                          f"{[(k, s.get(k), d.get(k)) for k in bad[:10]]}")
+
+
+def copy_qformer_into(src: InstructBlipQFormer, dst_qformer: nnx.Module,
+                      dst_query_tokens: nnx.Variable, *, what: str = "Q-Former") -> None:
+  """Copy a loaded `InstructBlipQFormer` into a model's `QFormerModel` + query Param.
+
+  A destination vocabulary larger than the checkpoint's (LLaMA-VID adds one token to
+  InstructBLIP's 30522) keeps its initialisation for the extra rows (logged).
+  """
+  emb = "embeddings.word_embeddings.embedding"
+  _check_same_structure(src.qformer, dst_qformer, what, allow_bigger=(emb,))
+  if tuple(src.query_tokens.shape) != tuple(dst_query_tokens.shape):
+    raise CheckpointError(f"{what}: query_tokens {src.query_tokens.shape} vs model "
+                          f"{dst_query_tokens.shape}")
+  n_src = src.qformer.embeddings.word_embeddings.embedding.shape[0]
+  dst_emb = dst_qformer.embeddings.word_embeddings.embedding
+  n_dst = dst_emb.shape[0]
+  if n_src > n_dst:
+    raise CheckpointError(f"{what}: checkpoint vocabulary {n_src} > model vocabulary {n_dst}")
+  old = dst_emb[...]
+  state = nnx.state(src.qformer, nnx.Param)
+  nnx.update(dst_qformer, _cast_like(state, dst_qformer))
+  if n_dst > n_src:
+    log.info("%s: word embeddings rows %d..%d keep their initialisation", what, n_src, n_dst - 1)
+    dst_emb[...] = old.at[:n_src].set(src.qformer.embeddings.word_embeddings.embedding[...]
+                                      .astype(old.dtype))
+  dst_query_tokens[...] = src.query_tokens[...].astype(dst_query_tokens[...].dtype)
+
+
+def _cast_like(state: Any, like: nnx.Module) -> Any:
+  """Cast every array in `state` to the dtype of the same parameter in `like`
+  (word embeddings of another vocabulary size are left for the caller)."""
+  dst = {p: v for p, v in nnx.to_flat_state(nnx.state(like, nnx.Param))}
+  leaves = []
+  for p, v in nnx.to_flat_state(state):
+    want = dst[p].get_value()
+    val = v.get_value()
+    if val.shape != want.shape:  # the vocabulary case: keep the destination's array for now
+      val = want
+    leaves.append((p, v.replace(val.astype(want.dtype))))
+  return nnx.from_flat_state(leaves)
+
+
+def load_qformer_into(model: nnx.Module, path: str, *, allow_pickle: bool = False,
+                      encoder_attr: str = "vlm_att_encoder",
+                      query_attr: str = "vlm_att_query") -> None:
+  """Overwrite `model.<encoder_attr>` (a `QFormerModel`) and `model.<query_attr>` (the
+  learned queries) with an HF InstructBLIP checkpoint, in place (LLaMA-VID's own init)."""
+  dst = getattr(model, encoder_attr)
+  src = load_instructblip_qformer(path, dst.cfg.param_dtype, allow_pickle=allow_pickle)
+  copy_qformer_into(src, dst, getattr(model, query_attr), what=str(path))
+
+
+def load_clip_vision_into(module: VisionTransformer, path: str, *,
+                          allow_pickle: bool = False) -> None:
+  """Overwrite a CLIP `VisionTransformer` in place from an HF directory (its own config)."""
+  reader = CheckpointReader(Path(path), allow_pickle=allow_pickle)
+  new = clip_vision_from_state_dict(reader, module.cfg, what=str(path))
+  nnx.update(module, nnx.state(new, nnx.Param))
