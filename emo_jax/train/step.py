@@ -112,10 +112,23 @@ def batch_sharding(mesh) -> Any:
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
-def state_and_frozen_shardings(state: TrainState, frozen, mesh, rules):
-  """NamedShardings for a (possibly abstract) TrainState and the frozen state: every
-  Variable by its logical axes (optimizer moments mirror their params), the rest
-  replicated."""
+def tree_shardings(tree: Any, mesh, rules) -> Any:
+  """NamedSharding per array of an (abstract) pytree of nnx Variables / arrays: Variables
+  by their logical axes (optimizer moments keep their param's metadata, so they mirror
+  it), plain arrays replicated. Variables holding no array (optax MaskedNode of
+  multi_transform's other groups) are kept as they are: they have no leaves."""
   from emo_jax import sharding as sharding_lib
-  return (sharding_lib.state_shardings(state, mesh, rules),
-          sharding_lib.state_shardings(frozen, mesh, rules))
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      if not jax.tree.leaves(x):
+        return x
+      return sharding_lib.state_shardings({"v": x}, mesh, rules)["v"]
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_and_frozen_shardings(state: TrainState, frozen, mesh, rules):
+  """NamedShardings for a (possibly abstract) TrainState and the frozen state."""
+  return tree_shardings(state, mesh, rules), tree_shardings(frozen, mesh, rules)

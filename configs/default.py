@@ -1,0 +1,127 @@
+"""The embedded default: a tiny EMO-LLaMA trained on procedurally generated faces, on CPU.
+
+    python -m emo_jax.main --config=configs/default.py --workdir=./workdir
+
+Synthetic RAF-DB-layout stills (input_pipeline.synthetic) are generated into
+`<workdir>/data` on first use, with a small SentencePiece model and WordPiece vocab trained
+on their text (emo_jax.train.assets). Every module is random and tiny.
+
+Our choices, different from the paper config on purpose:
+- the vision tower is *trainable* here (it is random, so a frozen one would only give
+  random features); in the paper config it is a frozen pretrained EVA-ViT-G;
+- the LLM is trained in full and LoRA is off (a random 2-layer LLM has nothing to adapt);
+- images only (no clips) so that train + eval + export finish in a few minutes on 2 CPU
+  cores; `:video` adds the DFEW-layout clips (4 frames) and a 5-fold video evaluation.
+
+get_config(arg): arg is a comma list of presets: 'video' (add clips), 'test' (even
+smaller and shorter, for the test suite).
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  presets = set(filter(None, (arg or "").split(",")))
+  unknown = presets - {"video", "test"}
+  if unknown:
+    raise ValueError(f"unknown default.py presets {sorted(unknown)}; known: video, test")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---- model (emo_jax.models.emo_llama.EmoLlamaConfig as data)
+  m = c.model = ml_collections.ConfigDict()
+  m.llm = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+               pad_token_id=0, dtype="float32", param_dtype="float32", remat_policy="none")
+  m.vision = dict(kind="clip", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, patch_size=8, image_size=48, layer_norm_eps=1e-5,
+                  hidden_act="quick_gelu", feature_layer=-1)
+  m.qformer = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=64, max_position_embeddings=64, encoder_hidden_size=48,
+                   num_query_tokens=4, cross_attention_frequency=2)
+  m.compress_type = "mean"
+  m.use_face = True
+  m.face_prior = "tiny"
+  m.tiny_face_prior = dict(image_size=32, channels=(8, 16), feat_dim=16, global_grid=2)
+  m.face = dict(face_dim=16, hidden_dim=32, num_heads=2, num_tokens=2, query_mode="learned",
+                qformer_dim=32)
+  m.trainable = ("vision", "qformer", "projectors", "face", "llm")
+  m.lora_rank = 0
+  m.lora_alpha = 16.0
+
+  # ---- pretrained weights (none: everything is random in the default)
+  c.init = ml_collections.ConfigDict(dict(bundle="", llm="", vision="", qformer="",
+                                          face_prior="", allow_pickle=False))
+
+  # ---- data
+  d = c.data = ml_collections.ConfigDict()
+  d.root = ""                      # '' -> <workdir>/data
+  d.tokenizer = ""                 # '' -> made with the synthetic data
+  d.qformer_vocab = ""
+  d.strict = False
+  d.synthetic = dict(generate=True, num_images=840, num_clips=0, seed=0, image_size=64)
+  d.train = [dict(name="synthetic", kind="image", split="train")]
+  d.eval = [dict(name="synthetic", kind="image", split="test", label="synthetic_images")]
+  d.pipeline = dict(global_batch_size=16, num_frames=1, max_length=160, bucket_lengths=(160,),
+                    qformer_max_length=24, aspect="pad", face_mode="aligned",
+                    worker_count=0, read_threads=1)
+
+  # ---- optimisation
+  o = c.optimizer = ml_collections.ConfigDict()
+  o.lr = 2e-3
+  o.warmup_frac = 0.05
+  o.end_lr_frac = 0.05
+  o.weight_decay = 0.0
+  o.b1, o.b2, o.eps = 0.9, 0.98, 1e-8
+  o.grad_clip = 1.0
+  o.groups = [("vision", r"^vision_tower/", 1e-3)]   # (name, regex, peak lr)
+
+  t = c.train = ml_collections.ConfigDict()
+  t.num_steps = 450
+  t.num_epochs = 0.0               # used when num_steps <= 0
+  t.accum_steps = 1
+  t.compute_dtype = "float32"      # 'bfloat16' casts params for the forward/backward
+  t.log_every = 25
+  t.peak_flops_per_device = 180e9  # the 2-core CI box's fp32 matmul rate (for MFU)
+
+  k = c.checkpoint = ml_collections.ConfigDict()
+  k.every_steps = 150
+  k.every_secs = 0.0               # > 0: also save when this many seconds passed
+  k.max_to_keep = 2
+  k.keep_period = 0                # > 0: keep every step that is a multiple of it
+  k.async_save = True
+
+  c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))
+  c.sharding = ml_collections.ConfigDict(dict(rules="fsdp"))
+
+  # ---- evaluation (run at the end of training when at_end)
+  e = c.eval = ml_collections.ConfigDict()
+  e.at_end = True
+  e.modes = ("generate", "likelihood")
+  e.batch_size = 32
+  e.max_new_tokens = 4
+  e.max_examples = 0               # > 0: evaluate on a prefix (quick checks)
+
+  # ---- export
+  x = c.export = ml_collections.ConfigDict()
+  x.at_end = True
+  x.formats = ("hf", "peft", "bundle")
+  x.dtype = "float32"
+
+  if "video" in presets:
+    d.synthetic.num_clips = 140
+    d.pipeline.num_frames = 4
+    d.pipeline.max_length = 176
+    d.pipeline.bucket_lengths = (176,)
+    d.train.append(dict(name="synthetic", kind="video", split="train", fold=1))
+    d.eval.append(dict(name="synthetic", kind="video", split="test", folds=[1, 2, 3, 4, 5],
+                       label="synthetic_clips"))
+  if "test" in presets:
+    d.synthetic.num_images = 70
+    d.pipeline.global_batch_size = 8
+    t.num_steps = 6
+    t.log_every = 1
+    k.every_steps = 2
+    e.batch_size = 8
+    e.max_new_tokens = 2
+  return c

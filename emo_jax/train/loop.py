@@ -1,0 +1,267 @@
+"""The training loop: build, shard, restore, step, log, checkpoint, stop on SIGTERM.
+
+    model  = task.build_model (random init, then config.init checkpoints)
+    split  -> graphdef / trainable params / rng streams / frozen rest   (train.state)
+    shard  -> every Variable by its logical axes under config.sharding.rules on a
+              ('data', 'fsdp', 'tensor') mesh; the batch over ('data', 'fsdp')
+    restore the latest committed checkpoint (state + grain iterator) if any
+    loop:  next batch -> jitted train_step (state donated) -> metrics -> maybe save
+    SIGTERM (preemptible TPU VMs): finish the current step, save, wait, exit
+
+Metrics go through clu writers (TensorBoard + log, process 0 only): loss, learning rate
+(per group), grad norm, tokens/s (answer tokens with loss), steps/s and ETA
+(ReportProgress), and an MFU estimate = compiled FLOPs per step / step time / peak
+FLOP/s of the devices (`config.train.peak_flops_per_device`; 0 -> no MFU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+from flax import nnx
+
+from emo_jax import sharding as sharding_lib
+from emo_jax.train import checkpoint as ckpt_lib
+from emo_jax.train import optimizer as opt_lib
+from emo_jax.train import state as state_lib
+from emo_jax.train import step as step_lib
+from emo_jax.train import task as task_lib
+from input_pipeline.records import SkipCounter
+
+# Peak dense FLOP/s per device by device kind (bf16; public spec sheets). Our table, used
+# only when config.train.peak_flops_per_device is unset (-1).
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+              "NVIDIA A100": 312e12}
+
+
+class Preemption:
+  """SIGTERM -> a flag the loop reads between steps (agreed across hosts)."""
+
+  def __init__(self):
+    self.requested = False
+    self._prev = None
+
+  def install(self):
+    def handler(signum, frame):
+      del frame
+      logging.warning("signal %d received: will save a checkpoint and exit", signum)
+      self.requested = True
+    self._prev = signal.signal(signal.SIGTERM, handler)
+    return self
+
+  def uninstall(self):
+    if self._prev is not None:
+      signal.signal(signal.SIGTERM, self._prev)
+
+  def should_stop(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+    return bool(np.any(flags))
+
+
+def peak_flops(config) -> float:
+  v = float(config.train.get("peak_flops_per_device", -1))
+  if v >= 0:
+    return v
+  kind = jax.devices()[0].device_kind
+  for k, f in PEAK_FLOPS.items():
+    if kind.startswith(k):
+      return f
+  return 0.0
+
+
+def make_mesh(config):
+  shape = tuple(config.mesh.shape)
+  return sharding_lib.make_mesh(shape)
+
+
+def rules_of(config):
+  r = config.sharding.rules
+  if isinstance(r, str):
+    return sharding_lib.PRESETS[r]
+  return tuple((a, tuple(b) if isinstance(b, list) else b) for a, b in r)
+
+
+def total_steps(config, num_records: int) -> int:
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  bs = config.data.pipeline.global_batch_size
+  return max(1, int(np.ceil(config.train.num_epochs * num_records / bs)))
+
+
+@dataclasses.dataclass
+class Built:
+  """What train / eval / export share: the split model on its mesh."""
+  model_cfg: Any
+  graphdef: Any
+  params: Any
+  rngs: Any
+  frozen: Any
+  mesh: Any
+  rules: Any
+  paths: dict
+
+
+def build(config, workdir: str) -> Built:
+  """Model (random init + pretrained parts), split and placed on the mesh."""
+  paths = task_lib.prepare_data(config, workdir)
+  model_cfg = task_lib.model_config(config)
+  mesh = make_mesh(config)
+  rules = rules_of(config)
+  model = task_lib.build_model(config)
+  task_lib.load_pretrained(model, config)
+  graphdef, params, rngs, frozen = state_lib.split_model(
+      model, task_lib.trainable_filter(model_cfg))
+  params = sharding_lib.shard_state(params, mesh, rules)
+  frozen = sharding_lib.shard_state(frozen, mesh, rules)
+  rngs = sharding_lib.shard_state(rngs, mesh, rules)
+  return Built(model_cfg, graphdef, params, rngs, frozen, mesh, rules, paths)
+
+
+def _global_batch(batch, mesh):
+  sharding = step_lib.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in task_lib.model_batch(batch).items()}
+
+
+def train(config, workdir: str) -> dict:
+  """Trains (resuming if a checkpoint exists). Returns a summary dict."""
+  os.makedirs(workdir, exist_ok=True)
+  built = build(config, workdir)
+  toks = task_lib.tokenizers(built.paths)
+  if toks[0].vocab_size > built.model_cfg.llm.vocab_size:
+    raise ValueError(f"tokenizer has {toks[0].vocab_size} ids but the LLM only "
+                     f"{built.model_cfg.llm.vocab_size}")
+  skips = SkipCounter(strict=bool(config.data.get("strict", False)))
+  raw_iter, num_records = task_lib.train_iterator(config, workdir, built.model_cfg, toks, skips)
+  train_iter = ckpt_lib.CheckpointableIterator(raw_iter)
+  num_steps = total_steps(config, num_records)
+
+  tx, schedules = opt_lib.make_optimizer(config.optimizer.to_dict(), num_steps, built.params)
+  state = state_lib.create_train_state(built.params, built.rngs, tx)
+  state_sh, frozen_sh = step_lib.state_and_frozen_shardings(state, built.frozen, built.mesh,
+                                                            built.rules)
+  state = jax.device_put(state, state_sh)
+  logging.info("trainable parameters: %s, frozen: %s", f"{opt_lib.count_params(state.params):,}",
+               f"{opt_lib.count_params(built.frozen):,}")
+
+  ck = config.checkpoint
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), max_to_keep=ck.max_to_keep,
+      keep_period=ck.keep_period or None, save_every_steps=ck.every_steps,
+      save_every_secs=ck.every_secs if ck.every_secs > 0 else None, async_save=ck.async_save)
+  restored = checkpointer.restore(state, train_iter)
+  start = 0
+  if restored is not None:
+    state, start = restored
+    logging.info("resumed from step %d", start)
+
+  compute_dtype = task_lib.DTYPES[config.train.compute_dtype] \
+      if config.train.compute_dtype not in ("", "float32") else None
+  step_fn = step_lib.jit_train_step(
+      built.graphdef, tx, task_lib.loss_fn, state_shardings=state_sh,
+      frozen_shardings=frozen_sh, batch_sharding=step_lib.batch_sharding(built.mesh),
+      accum_steps=config.train.accum_steps, compute_dtype=compute_dtype)
+
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main,
+                                                asynchronous=False)
+  writer.write_hparams({k: v for k, v in _flat_hparams(config).items()})
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_secs=None,
+                                           every_steps=max(config.train.log_every, 1))
+  preempt = Preemption().install()
+  peak = peak_flops(config)   # the compiled cost is the per-device SPMD program
+  compiled: dict = {}
+  t_last = time.time()
+  pending: list[dict] = []   # device metrics since the last log (fetched when logging)
+  step = start
+  stopped = False
+  try:
+    with sharding_lib.use_mesh_rules(built.mesh, built.rules):
+      while step < num_steps:
+        batch = _global_batch(next(train_iter), built.mesh)
+        key = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        if key not in compiled:   # one compile per bucket length
+          compiled[key] = step_fn.lower(state, built.frozen, batch).compile()
+          cost = compiled[key].cost_analysis()
+          cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+          compiled[key] = (compiled[key], float((cost or {}).get("flops", 0.0)))
+        fn, flops = compiled[key]
+        state, m = fn(state, built.frozen, batch)
+        pending.append(dict(m, flops=flops))
+        step += 1
+        report(step)
+        if step % config.train.log_every == 0 or step == num_steps:
+          ms = jax.device_get(pending)
+          dt = max(time.time() - t_last, 1e-9)
+          scalars = {"loss": float(np.mean([x["loss"] for x in ms])),
+                     "grad_norm": float(np.mean([x["grad_norm"] for x in ms])),
+                     "tokens_per_sec": float(sum(x["tokens"] for x in ms)) / dt,
+                     "steps_per_sec": len(ms) / dt}
+          for name, sched in schedules.items():
+            scalars[f"lr/{name}"] = float(sched(step - 1))
+          if peak > 0:
+            scalars["mfu"] = float(sum(x["flops"] for x in ms)) / dt / peak
+          writer.write_scalars(step, scalars)
+          print(f"step={step} loss={scalars['loss']:.4f}", flush=True)
+          t_last, pending = time.time(), []
+        stop = preempt.should_stop()
+        if stop or step == num_steps or checkpointer.should_save(step):
+          checkpointer.save(step, state, train_iter)
+        if stop:
+          stopped = True
+          logging.warning("stopping at step %d after SIGTERM (checkpoint saved)", step)
+          break
+  finally:
+    checkpointer.close()
+    writer.flush()
+    preempt.uninstall()
+  if skips.total:
+    logging.warning(skips.report())
+  return {"step": step, "num_steps": num_steps, "preempted": stopped,
+          "skipped": skips.counts, "state": state, "built": built}
+
+
+def _flat_hparams(config) -> dict:
+  out = {}
+
+  def walk(prefix, d):
+    for k, v in d.items():
+      key = f"{prefix}{k}"
+      if hasattr(v, "items"):
+        walk(key + ".", v)
+      elif isinstance(v, (int, float, str, bool)):
+        out[key] = v
+  walk("", config)
+  return out
+
+
+def restore_trained(config, workdir: str, step: int | None = None) -> tuple[Built, Any, int]:
+  """The model of a workdir: built from the config, trainable params from the latest (or
+  given) committed checkpoint. Returns (built, merged nnx model, step)."""
+  built = build(config, workdir)
+  tx, _ = opt_lib.make_optimizer(config.optimizer.to_dict(), 1, built.params)
+  template = state_lib.create_train_state(built.params, built.rngs, tx)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  restored = checkpointer.restore(template, None, step=step)
+  checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"no committed checkpoint under {workdir}/checkpoints: train first "
+                            "(--mode=train)")
+  state, step = restored
+  model = state_lib.merge_model(built.graphdef, state.params, state.rngs, built.frozen)
+  return built, model, step

@@ -1,0 +1,3 @@
+"""placeholder, replaced below"""
+class PredictError(Exception):
+  pass

@@ -1,0 +1,183 @@
+"""Config -> the pieces a run needs: model, tokenizers, records, pipelines, loss.
+
+Everything here reads `config` (ml_collections) and calls the model / pipeline modules;
+the loop, evaluation, predict and export share it so they build the same model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from flax import nnx
+
+from emo_jax.models import emo_llama
+from input_pipeline import datasets as datasets_lib
+from input_pipeline import pipeline as pipeline_lib
+from input_pipeline import tokenizers as tokenizers_lib
+from input_pipeline.records import Record, SkipCounter
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _plain(x: Any) -> Any:
+  return x.to_dict() if hasattr(x, "to_dict") else x
+
+
+def data_root(config, workdir: str) -> str:
+  root = config.data.root or os.path.join(workdir, "data")
+  return os.path.abspath(os.path.expanduser(root))
+
+
+def prepare_data(config, workdir: str) -> dict[str, str]:
+  """Generates the synthetic data (and its tokenizers) if the config asks for it; returns
+  the tokenizer paths."""
+  root = data_root(config, workdir)
+  paths = {"tokenizer": config.data.tokenizer, "qformer_vocab": config.data.qformer_vocab}
+  if config.data.get("synthetic") and config.data.synthetic.get("generate", False):
+    from emo_jax.train import assets
+    if jax.process_index() == 0:
+      made = assets.ensure_default_data(
+          root, num_images=config.data.synthetic.num_images,
+          num_clips=config.data.synthetic.num_clips, seed=config.data.synthetic.seed,
+          image_size=config.data.synthetic.get("image_size", 112))
+    else:
+      made = {"tokenizer": os.path.join(root, "tokenizer.model"),
+              "qformer_vocab": os.path.join(root, "vocab.txt")}
+    paths = {k: paths[k] or made[k] for k in paths}
+  for k, p in paths.items():
+    if not p or not os.path.exists(p):
+      raise FileNotFoundError(f"config.data.{k} = {p!r} does not exist")
+  return paths
+
+
+def tokenizers(paths: Mapping[str, str]):
+  return (tokenizers_lib.LlamaTokenizer(paths["tokenizer"]),
+          tokenizers_lib.BertTokenizer(paths["qformer_vocab"]))
+
+
+def model_config(config) -> emo_llama.EmoLlamaConfig:
+  d = _plain(config.model)
+  d = dict(d)
+  for sub in ("llm", "vision", "qformer"):
+    sd = dict(d[sub])
+    for k in ("dtype", "param_dtype"):
+      if isinstance(sd.get(k), str):
+        sd[k] = DTYPES[sd[k]]
+    d[sub] = sd
+  return emo_llama.EmoLlamaConfig.from_dict(d)
+
+
+def build_model(config, *, seed: int | None = None) -> emo_llama.EmoLlama:
+  """A freshly initialised model (random weights; pretrained ones come from `init`)."""
+  cfg = model_config(config)
+  seed = config.seed if seed is None else seed
+  return emo_llama.EmoLlama(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def load_pretrained(model: emo_llama.EmoLlama, config) -> None:
+  """Overwrites the randomly initialised parts with the checkpoints named in
+  `config.init` (paper config); nothing to do for the tiny default."""
+  init = config.get("init")
+  if not init:
+    return
+  allow_pickle = bool(init.get("allow_pickle", False))
+  if init.get("bundle"):
+    from emo_jax.convert import bundle
+    bundle.load_into(model, init.bundle, allow_pickle=allow_pickle)
+    return
+  if init.get("llm"):
+    from emo_jax.convert import llama_hf
+    llama_hf.load_into(model.language_model, init.llm, allow_pickle=allow_pickle)
+  if init.get("vision"):
+    from emo_jax.convert import eva
+    eva.load_into(model.vision_tower, init.vision, allow_pickle=allow_pickle)
+  if init.get("qformer"):
+    from emo_jax.convert import vision_hf
+    vision_hf.load_qformer_into(model, init.qformer, allow_pickle=allow_pickle)
+  if init.get("face_prior"):
+    from emo_jax.convert import facexformer
+    facexformer.load_into(model.face_prior, init.face_prior, allow_pickle=allow_pickle)
+
+
+def trainable_filter(model_cfg: emo_llama.EmoLlamaConfig):
+  return emo_llama.trainable_filter(model_cfg)
+
+
+def loss_fn(model: emo_llama.EmoLlama, batch: Mapping[str, Any]):
+  """(sum of answer-token NLL, number of answer tokens) — see train.step."""
+  _, aux = model.loss(batch)
+  return aux["nll_sum"], aux["num_tokens"]
+
+
+MODEL_KEYS = ("frames", "frame_mask", "face_crops", "face_global", "face_local", "qformer_ids",
+              "qformer_mask", "input_ids", "attention_mask", "loss_mask")
+
+
+def model_batch(batch: Mapping[str, Any]) -> dict:
+  """The batch keys the model reads (drops `label` and anything else)."""
+  return {k: batch[k] for k in MODEL_KEYS if k in batch}
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def pipeline_config(config, model_cfg: emo_llama.EmoLlamaConfig, **overrides
+                    ) -> pipeline_lib.PipelineConfig:
+  d = dict(_plain(config.data.pipeline))
+  d["tokens_per_frame"] = model_cfg.tokens_per_frame
+  d["image_size"] = model_cfg.vision.image_size
+  if model_cfg.use_face and model_cfg.face_prior == "tiny":
+    d["face_size"] = model_cfg.tiny_face_prior.image_size
+  d.update(overrides)
+  return pipeline_lib.PipelineConfig.from_dict(d)
+
+
+def load_split(spec: Mapping[str, Any], root: str, skips: SkipCounter, split: str,
+               fold: int | None = None) -> list[Record]:
+  """Records of one dataset entry of config.data.train / config.data.eval."""
+  spec = dict(_plain(spec))
+  name = spec.pop("name")
+  ds_root = spec.pop("root", "") or root
+  spec.pop("folds", None)
+  spec.pop("split", None)
+  spec.pop("label", None)
+  return datasets_lib.load_records(name, ds_root, split=split, fold=fold, skips=skips, **spec)
+
+
+def train_records(config, workdir: str, skips: SkipCounter) -> list[Record]:
+  root = data_root(config, workdir)
+  recs: list[Record] = []
+  for spec in config.data.train:
+    recs += load_split(spec, root, skips, spec.get("split", "train"), spec.get("fold"))
+  if not recs:
+    raise ValueError("config.data.train yields no records")
+  return recs
+
+
+def eval_sets(config, workdir: str, skips: SkipCounter) -> list[dict]:
+  """[{'name', 'dataset', 'fold', 'records'}] for config.data.eval (one per fold)."""
+  root = data_root(config, workdir)
+  out = []
+  for spec in config.data.eval:
+    folds = spec.get("folds") or [spec.get("fold")]
+    for fold in folds:
+      recs = load_split(spec, root, skips, spec.get("split", "test"), fold)
+      label = spec.get("label") or spec["name"]
+      out.append({"name": label, "dataset": spec["name"], "fold": fold, "records": recs})
+  return out
+
+
+def train_iterator(config, workdir: str, model_cfg, toks, skips: SkipCounter):
+  recs = train_records(config, workdir, skips)
+  pcfg = pipeline_config(config, model_cfg, shuffle=True, num_epochs=None,
+                         drop_remainder=True, seed=config.seed)
+  logging.info("training on %d records", len(recs))
+  return pipeline_lib.make_iterator(recs, pcfg, toks[0], toks[1], skips=skips), len(recs)
+
+
+def replace_config(cfg, **kw):
+  return dataclasses.replace(cfg, **kw)
