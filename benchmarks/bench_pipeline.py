@@ -24,7 +24,7 @@ import time
 import sys
 
 # Run as a script, sys.path[0] is benchmarks/, where a module named like the package
-# (benchmarks/input_pipeline.py) would shadow it: import from the repository root instead.
+# (a module named like the package would shadow it): import from the repository root instead.
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
   sys.path[0] = _REPO

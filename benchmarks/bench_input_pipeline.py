@@ -1,6 +1,6 @@
 """Throughput of the full grain pipeline vs. raw PyAV decoding of the same frames.
 
-    python benchmarks/input_pipeline.py [--clips=32 --images=64 --frames=8 --workers=0]
+    python benchmarks/bench_input_pipeline.py [--clips=32 --images=64 --frames=8 --workers=0]
 
 Writes benchmarks/results/input_pipeline.json and .md. The data is the synthetic set
 (real mp4 / jpg files); tokenizers are tiny ones trained here (tokenising is cheap next to
