@@ -1,0 +1,198 @@
+"""Import a whole LLaMA-VID checkpoint into `EmoLlama`.
+
+Checkpoint facts (shared/REFERENCE.md; dvlab-research/LLaMA-VID `llamavid_arch.py`):
+- LLM: standard HF LLaMA keys (`model.embed_tokens`, `model.layers.N.*`, `model.norm`,
+  `lm_head`), read by `emo_jax.convert.llama_hf.load_llama` from the same directory.
+- Q-Former: `model.vlm_att_encoder.bert.*` (LAVIS/BERT names) + `model.vlm_att_query`
+  [1, Q, 768], read by `vision_hf.qformer_from_state_dict`.
+- `model.vlm_att_ln` (LayerNorm over the ViT width, present for `bert_type` containing
+  'pretrain'), `model.vlm_att_projector` (768 -> Cv), `model.vlm_att_key_projector` (Cv -> Cv),
+  `model.vlm_att_val_projector` (Cv -> D), `model.mm_projector.{0,2}` (mlp2x_gelu).
+- Vision tower: LLaMA-VID loads it separately (`config.mm_vision_tower`, the LAVIS
+  `eva_vit_g.pth`; pass it as `vision_path`); when the shards carry the in-memory copy
+  `model.vision_tower.vision_tower.*` we use it. That copy holds the 39 blocks LAVIS built, so
+  all its blocks are used; from the 40-block LAVIS file the last block is dropped (eva.py).
+- config.json: `mm_hidden_size`, `num_query`, `compress_type` (None = all patches, 'mean',
+  'grid:g'), `bert_type`, `mm_projector_type`, plus the LLaMA fields (legacy `rope_scaling`).
+
+Weights are read from safetensors (single, or sharded with `model.safetensors.index.json`);
+LLaMA-VID's released pickled `pytorch_model-*.bin` shards need `allow_pickle=True`.
+The face modules (not in LLaMA-VID) and LoRA adapters start from a fresh initialisation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emo_jax.convert.eva import eva_config_from_state_dict, eva_from_state_dict, load_eva_vit
+from emo_jax.convert.llama_hf import load_llama
+from emo_jax.convert.safetensors_io import CheckpointError, CheckpointReader
+from emo_jax.convert.vision_hf import qformer_config_from_state_dict, qformer_from_state_dict
+from emo_jax.models.emo_llama import EmoLlama, EmoLlamaConfig, _build_face_prior
+from emo_jax.models.face import FaceInfoMining
+
+log = logging.getLogger(__name__)
+
+QFORMER_PREFIX = "model.vlm_att_encoder.bert."
+QUERY_KEY = "model.vlm_att_query"
+VISION_PREFIX = "model.vision_tower.vision_tower."
+# LLaMA-VID name -> our module attribute (Linear / LayerNorm weights).
+PROJECTORS = {
+  "model.vlm_att_ln": ("vlm_att_ln",),
+  "model.vlm_att_projector": ("vlm_att_projector",),
+  "model.vlm_att_key_projector": ("vlm_att_key_projector",),
+  "model.vlm_att_val_projector": ("vlm_att_val_projector",),
+  "model.mm_projector.0": ("mm_projector", "linear_1"),
+  "model.mm_projector.2": ("mm_projector", "linear_2"),
+}
+_LLM_KEY = re.compile(r"^(lm_head\.|model\.(embed_tokens|layers|norm)\.)|rotary_emb\.inv_freq$")
+
+
+def compress_type_from_config(hf: dict[str, Any]) -> str:
+  """LLaMA-VID `compress_type` (None / 'mean' / 'grid:g') -> ours ('none' / 'mean' / 'grid:g')."""
+  c = hf.get("compress_type")
+  if c is None:
+    return "none"
+  if c == "mean" or re.fullmatch(r"grid:\d+", str(c)):
+    return str(c)
+  raise CheckpointError(f"unsupported LLaMA-VID compress_type {c!r}")
+
+
+def _check_hf_config(hf: dict[str, Any]) -> None:
+  proj = hf.get("mm_projector_type", "mlp2x_gelu")
+  if proj != "mlp2x_gelu":
+    raise CheckpointError(f"mm_projector_type {proj!r} is not supported (only mlp2x_gelu)")
+  bert = hf.get("bert_type", "qformer_pretrain")
+  if "qformer" not in bert or "pretrain" not in bert:
+    raise CheckpointError(f"bert_type {bert!r} is not supported: only the Q-Former variants with "
+                          "vlm_att_ln ('qformer_pretrain*') that the released models use")
+
+
+def _linear_params(reader: CheckpointReader, name: str, module: Any, what: str) -> dict:
+  """Arrays for one Linear / LayerNorm from `name.weight` / `name.bias`, checked for shape."""
+  w, b = reader.get(name + ".weight"), reader.get(name + ".bias")
+  if isinstance(module, nnx.LayerNorm):
+    vals = {"scale": np.asarray(w), "bias": np.asarray(b)}
+  else:
+    vals = {"kernel": np.asarray(w).T, "bias": np.asarray(b)}
+  for k, arr in vals.items():
+    want = getattr(module, k).shape
+    if tuple(arr.shape) != tuple(want):
+      raise CheckpointError(f"{what}: {name}.{'weight' if k != 'bias' else 'bias'} has shape "
+                            f"{arr.shape} (ours {k} {want})")
+  return vals
+
+
+def load_llama_vid(path: str, *, dtype: Any = jnp.float32, allow_pickle: bool = False,
+                   vision_path: str | None = None, qformer_num_heads: int = 12,
+                   vision_num_heads: int | None = None, seed: int = 0,
+                   **config_overrides) -> EmoLlama:
+  """A LLaMA-VID checkpoint directory -> `EmoLlama` with the same numbers.
+
+  config_overrides go to `EmoLlamaConfig` (e.g. `use_face`, `face`, `face_prior`, `lora_rank`,
+  `trainable`); parts absent from LLaMA-VID (face modules, LoRA) are initialised from `seed`.
+  `qformer_num_heads` / `vision_num_heads` are needed because head counts are not in the
+  tensor shapes (BERT-base 12; EVA-ViT-G width / 88).
+  """
+  p = Path(path)
+  cfg_file = p / "config.json"
+  if not cfg_file.exists():
+    raise CheckpointError(f"{cfg_file} not found (expected a LLaMA-VID model directory)")
+  hf = json.loads(cfg_file.read_text())
+  _check_hf_config(hf)
+  reader = CheckpointReader(p, allow_pickle=allow_pickle)
+  what = f"LLaMA-VID checkpoint {p}"
+
+  llm = load_llama(p, dtype=dtype, allow_pickle=allow_pickle)
+
+  qcfg = qformer_config_from_state_dict(reader, QFORMER_PREFIX, query_tokens_key=QUERY_KEY,
+                                        num_attention_heads=qformer_num_heads, dtype=dtype,
+                                        param_dtype=dtype)
+  if "num_query" in hf and hf["num_query"] != qcfg.num_query_tokens:
+    raise CheckpointError(f"{what}: config num_query={hf['num_query']} but "
+                          f"{QUERY_KEY} holds {qcfg.num_query_tokens} queries")
+  qformer = qformer_from_state_dict(reader, qcfg, prefix=QFORMER_PREFIX,
+                                    query_tokens_key=QUERY_KEY, what=what)
+
+  if any(k.startswith(VISION_PREFIX) for k in reader.keys()):
+    vcfg = eva_config_from_state_dict(reader, VISION_PREFIX, num_attention_heads=vision_num_heads,
+                                      feature_layer=-1, dtype=dtype, param_dtype=dtype)
+    vision = eva_from_state_dict(reader, vcfg, prefix=VISION_PREFIX, what=what)
+  elif vision_path is not None:
+    vision = load_eva_vit(vision_path, dtype=dtype, allow_pickle=allow_pickle,
+                          num_attention_heads=vision_num_heads)
+  else:
+    raise CheckpointError(f"{what} carries no vision tower; pass vision_path= the LAVIS "
+                          f"eva_vit_g weights (config mm_vision_tower: "
+                          f"{hf.get('mm_vision_tower')!r})")
+  mm_hidden = hf.get("mm_hidden_size")
+  if mm_hidden is not None and mm_hidden != vision.cfg.hidden_size:
+    raise CheckpointError(f"{what}: mm_hidden_size {mm_hidden} != vision width "
+                          f"{vision.cfg.hidden_size}")
+
+  config = EmoLlamaConfig(llm=llm.config, vision=vision.cfg, qformer=qcfg,
+                          compress_type=compress_type_from_config(hf),
+                          **{"use_face": False, "lora_rank": 0,
+                             "trainable": ("qformer", "projectors"), **config_overrides})
+  model = assemble(config, seed=seed, vision_tower=vision, vlm_att_encoder=qformer.qformer,
+                   vlm_att_query=qformer.query_tokens, language_model=llm)
+  for name, attrs in PROJECTORS.items():
+    module = model
+    for a in attrs:
+      module = getattr(module, a)
+    for k, arr in _linear_params(reader, name, module, what).items():
+      var = getattr(module, k)
+      var.set_value(jnp.asarray(arr, dtype=var.dtype))
+
+  used = {k for k in reader.keys()
+          if _LLM_KEY.search(k) or k.startswith((QFORMER_PREFIX, VISION_PREFIX)) or k == QUERY_KEY
+          or any(k in (n + ".weight", n + ".bias") for n in PROJECTORS)}
+  left = sorted(set(reader.keys()) - used)
+  if left:
+    raise CheckpointError(f"{what}: {len(left)} tensors not understood (first: {left[:5]}); "
+                          "a LLaMA-VID variant this importer does not support?")
+  check_concrete(model)
+  return model
+
+
+def assemble(config: EmoLlamaConfig, *, seed: int = 0, **parts: Any) -> EmoLlama:
+  """An `EmoLlama(config)` whose submodules / variables named in `parts` are the given ones.
+
+  The rest is built abstractly (no memory) and then: face modules get a real fresh init from
+  `seed`, LoRA (config.lora_rank > 0) is applied to the given LLM; the projectors must be set
+  by the caller (they are left abstract and `check_concrete` catches any that are not).
+  """
+  base = config.replace(lora_rank=0, trainable=tuple(t for t in config.trainable if t != "lora"))
+  model = nnx.eval_shape(lambda: EmoLlama(base, rngs=nnx.Rngs(seed)))
+  for name, value in parts.items():
+    if not hasattr(model, name):
+      raise ValueError(f"EmoLlama has no part {name!r}")
+    setattr(model, name, value)
+  rngs = nnx.Rngs(seed)
+  if config.use_face and "face_mining" not in parts:
+    model.face_mining = FaceInfoMining(config.face, rngs=rngs)
+  if "face_prior" not in parts:
+    model.face_prior = _build_face_prior(config, rngs)
+  if config.lora_rank > 0:
+    from emo_jax.models import lora
+    kw = {} if config.lora_targets is None else {"targets": config.lora_targets}
+    lora.apply_lora(model.language_model, rank=config.lora_rank, alpha=config.lora_alpha,
+                    rngs=rngs, **kw)
+  model.config = config
+  return model
+
+
+def check_concrete(model: nnx.Module) -> None:
+  """Raise if any variable of `model` is still abstract (a ShapeDtypeStruct)."""
+  bad = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(model))
+         if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+  if bad:
+    raise CheckpointError(f"parameters never loaded: {bad[:10]}")
