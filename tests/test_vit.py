@@ -112,7 +112,7 @@ def test_scan_and_remat_equal_layer_loop_with_gradients(clip):
 def test_every_param_has_logical_axes_of_its_rank():
   cfg = VisionConfig(kind="eva", hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                      num_attention_heads=2, patch_size=4, image_size=8, hidden_act="gelu")
-  m = VisionTransformer(cfg, rngs=nnx.Rngs(0))
+  m = nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0)))
   names = set()
   for path, var in nnx.to_flat_state(nnx.state(m, nnx.Param)):
     axes = var.get_metadata().get("out_sharding")
