@@ -227,3 +227,29 @@ def test_generate_first_token_matches_forward(cfg, model, fns):
   assert out.shape == (len(FRAMES), 2)
   logits = np.asarray(forward(state, left)[0])
   np.testing.assert_array_equal(out[:, 0], logits[:, -1].argmax(-1))
+
+
+def test_bundle_roundtrip_gives_identical_logits(cfg, model, fns, tmp_path):
+  from emo_jax.convert import bundle
+  from emo_jax.convert.safetensors_io import CheckpointError
+  state, forward, _ = fns
+  batch = _batch(cfg)
+  names = bundle.save_bundle(model, tmp_path / "b", max_shard_bytes=20_000)
+  assert len(names) > 1 and (tmp_path / "b" / "model.safetensors.index.json").exists()
+  loaded = bundle.load_bundle(tmp_path / "b")
+  assert loaded.config == cfg
+  graphdef2, state2 = nnx.split(loaded)
+  a = dict(nnx.to_flat_state(state))
+  for path, v in nnx.to_flat_state(state2):
+    np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(a[path][...]))
+    assert type(v) is type(a[path]), path  # LoRAParam stays LoRAParam
+  np.testing.assert_array_equal(np.asarray(forward(state2, batch)[0]),
+                                np.asarray(forward(state, batch)[0]))
+  # A bundle whose config does not match its tensors is refused.
+  doc = json.loads((tmp_path / "b" / bundle.CONFIG_NAME).read_text())
+  doc["config"]["lora_rank"] = 4
+  (tmp_path / "b" / bundle.CONFIG_NAME).write_text(json.dumps(doc))
+  with pytest.raises(CheckpointError, match="lora_a has shape"):
+    bundle.load_bundle(tmp_path / "b")
+  with pytest.raises(CheckpointError, match="not found"):
+    bundle.load_bundle(tmp_path)

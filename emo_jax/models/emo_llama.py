@@ -339,6 +339,9 @@ def _build_face_prior(config: EmoLlamaConfig, rngs: nnx.Rngs):
     return TinyFacePrior(config.tiny_face_prior, rngs=rngs)
   from emo_jax.models import facexformer  # the real network; separate module, same interface
   cfg = facexformer.FaceXFormerConfig(**dict(config.facexformer or {}))
+  if cfg.feature_dim != config.face.face_dim:
+    raise ValueError(f"face.face_dim {config.face.face_dim} != FaceXFormer feature width "
+                     f"{cfg.feature_dim}")
   return facexformer.FaceXFormer(cfg, rngs=rngs)
 
 
