@@ -16,6 +16,7 @@ _EXPORTS = {
     "load_peft_adapter": "emo_jax.convert.llama_hf",
     "load_clip_vision": "emo_jax.convert.vision_hf",
     "load_instructblip_qformer": "emo_jax.convert.vision_hf",
+    "load_eva_vit": "emo_jax.convert.eva",
 }
 
 __all__ = sorted(_EXPORTS)
