@@ -1,0 +1,296 @@
+"""LLaMA benchmark: LoRA fine-tuning step and greedy KV-cache decoding, emo_jax vs
+transformers (+ peft) on torch CPU, measured in the same run on the same machine.
+
+    python benchmarks/bench_llama.py            # full measurement
+    python benchmarks/bench_llama.py --quick    # fewer repetitions, proves the script runs
+
+Configs are the ones fixed by issue 2:
+- LoRA step (fp32): 4 layers, hidden 512, FFN 1376, 8 heads, vocab 32000, seq 512, batch 4,
+  LoRA r=16 alpha=32 on q/k/v/o; forward + backward + AdamW on the LoRA params only.
+- Greedy decode: same model, batch 4, prompt 64, 128 new tokens, KV cache.
+
+Reported next to the machine's own limits: a measured fp32 2048^3 matmul throughput (model
+FLOP/s as a fraction of it) and a measured memory read bandwidth (decode steps/s as a fraction of
+the weight-streaming limit = bandwidth / bytes of weights + KV cache read per step).
+
+Model FLOPs of a LoRA step (what the step must compute, no remat recompute): frozen matmuls
+forward (2 N_dense per token) and their input gradients (2 N_dense per token; frozen weights get
+no weight gradient), attention 4 B T^2 D per layer forward and 8 B T^2 D backward, LoRA matmuls
+forward + input and weight gradients (3 x 2 N_lora per token).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import emo_jax  # noqa: E402,F401
+from emo_jax.models.generation import generate  # noqa: E402
+from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from emo_jax.models.lora import apply_lora, trainable_filter  # noqa: E402
+
+MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+             rms_norm_eps=1e-5)
+BATCH, SEQ = 4, 512
+RANK, ALPHA, TARGETS = 16, 32, ("q_proj", "k_proj", "v_proj", "o_proj")
+DEC_BATCH, PROMPT, NEW = 4, 64, 128
+
+
+def best_time(fn, reps: int, warmup: int = 1) -> float:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def measure_matmul(reps: int) -> dict:
+  n = 2048
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  t_jax = best_time(lambda: f(a, b).block_until_ready(), reps)
+  import torch
+  ta, tb = torch.randn(n, n), torch.randn(n, n)
+  t_torch = best_time(lambda: ta @ tb, reps)
+  flops = 2 * n ** 3
+  return {"jax_gflops": flops / t_jax / 1e9, "torch_gflops": flops / t_torch / 1e9,
+          "peak_gflops": max(flops / t_jax, flops / t_torch) / 1e9}
+
+
+def measure_bandwidth(reps: int) -> float:
+  """Read bandwidth in GB/s: a jitted sum over a 512 MiB fp32 array."""
+  x = jnp.ones((128, 1024, 1024), jnp.float32)
+  f = jax.jit(jnp.sum)
+  t = best_time(lambda: f(x).block_until_ready(), reps)
+  return x.nbytes / t / 1e9
+
+
+def step_flops(cfg: LlamaConfig) -> float:
+  d, f, v, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+  hq = cfg.num_attention_heads * cfg.head_dim
+  hkv = cfg.num_key_value_heads * cfg.head_dim
+  tokens = BATCH * SEQ
+  n_dense = L * (d * hq + 2 * d * hkv + hq * d + 3 * d * f) + d * v
+  n_lora = L * RANK * ((d + hq) + 2 * (d + hkv) + (hq + d))
+  attn = L * (4 + 8) * BATCH * SEQ * SEQ * hq
+  return 4 * n_dense * tokens + attn + 6 * n_lora * tokens
+
+
+def xent(logits, labels):
+  """Mean next-token cross entropy (fp32); logsumexp form, no materialised log-softmax."""
+  lg = logits[:, :-1]
+  tgt = labels[:, 1:]
+  lse = jax.nn.logsumexp(lg, axis=-1)
+  picked = jnp.take_along_axis(lg, tgt[..., None], axis=-1)[..., 0]
+  return jnp.mean(lse - picked)
+
+
+def bench_jax_lora(cfg: LlamaConfig, ids: np.ndarray, reps: int) -> dict:
+  model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+  apply_lora(model, rank=RANK, alpha=ALPHA, targets=TARGETS, rngs=nnx.Rngs(1))
+  graphdef, trainable, frozen = nnx.split(model, trainable_filter(), ...)
+  tx = optax.adamw(1e-4)
+  opt_state = tx.init(trainable)
+
+  def train_step(trainable, opt_state, frozen, batch):
+    def loss_fn(tr):
+      m = nnx.merge(graphdef, tr, frozen)
+      return xent(m(batch), batch)
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  step = jax.jit(train_step, donate_argnums=(0, 1))
+  batch = jnp.asarray(ids)
+  t0 = time.perf_counter()
+  trainable, opt_state, loss = step(trainable, opt_state, frozen, batch)
+  loss.block_until_ready()
+  compile_s = time.perf_counter() - t0
+  state = {"tr": trainable, "opt": opt_state}
+
+  def run():
+    state["tr"], state["opt"], l = step(state["tr"], state["opt"], frozen, batch)
+    l.block_until_ready()
+  t = best_time(run, reps, warmup=0)
+  return {"step_s": t, "first_call_s": compile_s, "tokens_per_s": BATCH * SEQ / t,
+          "loss": float(loss)}
+
+
+def torch_model(cfg: LlamaConfig, lora: bool):
+  import torch
+  import transformers
+  hf_cfg = transformers.LlamaConfig(**{k: v for k, v in MODEL.items()}, attention_bias=False,
+                                    tie_word_embeddings=False)
+  torch.manual_seed(0)
+  m = transformers.LlamaForCausalLM(hf_cfg)
+  if lora:
+    import peft
+    m = peft.get_peft_model(m, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                               target_modules=list(TARGETS),
+                                               task_type="CAUSAL_LM"))
+  return m
+
+
+def bench_torch_lora(cfg: LlamaConfig, ids: np.ndarray, reps: int) -> dict:
+  import torch
+  m = torch_model(cfg, lora=True).train()
+  opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+  x = torch.as_tensor(ids, dtype=torch.long)
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    out = m(input_ids=x, labels=x)
+    out.loss.backward()
+    opt.step()
+  t = best_time(run, reps)
+  return {"step_s": t, "tokens_per_s": BATCH * SEQ / t, "threads": torch.get_num_threads()}
+
+
+def bench_jax_decode(cfg: LlamaConfig, prompt: np.ndarray, reps: int) -> dict:
+  model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+  mask = jnp.ones(prompt.shape, jnp.int32)
+  ids = jnp.asarray(prompt)
+
+  def run():
+    generate(model, ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None,
+             pad_token_id=0).block_until_ready()
+  t0 = time.perf_counter()
+  run()
+  first = time.perf_counter() - t0
+  t = best_time(run, reps, warmup=0)
+  return {"total_s": t, "first_call_s": first, "tokens_per_s": DEC_BATCH * NEW / t,
+          "steps_per_s": NEW / t}
+
+
+def bench_torch_decode(cfg: LlamaConfig, prompt: np.ndarray, reps: int) -> dict:
+  import torch
+  m = torch_model(cfg, lora=False).eval()
+  x = torch.as_tensor(prompt, dtype=torch.long)
+
+  def run():
+    with torch.no_grad():
+      out = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW,
+                       min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == PROMPT + NEW
+  t = best_time(run, reps)
+  return {"total_s": t, "tokens_per_s": DEC_BATCH * NEW / t}
+
+
+def decode_bytes_per_step(cfg: LlamaConfig) -> float:
+  """Bytes read per decode step: every weight except the embedding table (4 rows are gathered)
+  plus the whole (static-shape) KV cache, fp32."""
+  d, f, v, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+  hq = cfg.num_attention_heads * cfg.head_dim
+  hkv = cfg.num_key_value_heads * cfg.head_dim
+  weights = L * (d * hq + 2 * d * hkv + hq * d + 3 * d * f + 2 * d) + d + d * v
+  kv = 2 * L * DEC_BATCH * (PROMPT + NEW) * hkv
+  return 4.0 * (weights + kv)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="1-2 repetitions instead of 5")
+  ap.add_argument("--skip-torch", action="store_true")
+  ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  args = ap.parse_args(argv)
+  reps = 1 if args.quick else 5
+  cfg = LlamaConfig(**MODEL)
+  rng = np.random.RandomState(0)
+  ids = rng.randint(3, cfg.vocab_size, (BATCH, SEQ)).astype(np.int32)
+  prompt = rng.randint(3, cfg.vocab_size, (DEC_BATCH, PROMPT)).astype(np.int32)
+
+  res: dict = {"config": {"model": MODEL, "batch": BATCH, "seq": SEQ, "lora_rank": RANK,
+                          "lora_alpha": ALPHA, "lora_targets": TARGETS,
+                          "decode": {"batch": DEC_BATCH, "prompt": PROMPT, "new": NEW}},
+               "quick": args.quick, "machine": {
+                 "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                 "jax": jax.__version__, "backend": jax.default_backend(),
+                 "loadavg_1m": os.getloadavg()[0]}}
+  mm = measure_matmul(reps + 2)
+  bw = measure_bandwidth(reps + 2)
+  res["machine"].update(matmul_fp32_2048=mm, read_bandwidth_gbs=bw)
+  print(f"matmul fp32 2048^3: jax {mm['jax_gflops']:.1f} / torch {mm['torch_gflops']:.1f} "
+        f"GFLOP/s; read bandwidth {bw:.1f} GB/s", flush=True)
+
+  flops = step_flops(cfg)
+  lora = {"model_flops_per_step": flops, "jax": bench_jax_lora(cfg, ids, reps)}
+  if not args.skip_torch:
+    lora["torch_peft"] = bench_torch_lora(cfg, ids, reps)
+  for side in ("jax", "torch_peft"):
+    if side in lora:
+      r = lora[side]
+      r["model_gflops"] = flops / r["step_s"] / 1e9
+      r["fraction_of_matmul"] = r["model_gflops"] / mm["peak_gflops"]
+  if "torch_peft" in lora:
+    lora["speedup_tokens_per_s"] = lora["jax"]["tokens_per_s"] / lora["torch_peft"]["tokens_per_s"]
+  res["lora_step"] = lora
+  print("lora step:", json.dumps(lora, indent=1), flush=True)
+
+  per_step = decode_bytes_per_step(cfg)
+  limit_steps = bw * 1e9 / per_step
+  dec = {"bytes_per_step": per_step, "weight_streaming_limit_steps_per_s": limit_steps,
+         "jax": bench_jax_decode(cfg, prompt, reps)}
+  dec["jax"]["fraction_of_streaming_limit"] = dec["jax"]["steps_per_s"] / limit_steps
+  if not args.skip_torch:
+    dec["hf_generate"] = bench_torch_decode(cfg, prompt, reps)
+    dec["speedup_tokens_per_s"] = dec["jax"]["tokens_per_s"] / dec["hf_generate"]["tokens_per_s"]
+  res["decode"] = dec
+  print("decode:", json.dumps(dec, indent=1), flush=True)
+
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "llama.json").write_text(json.dumps(res, indent=2, default=str))
+  (out / "llama.md").write_text(_markdown(res))
+  print(f"wrote {out / 'llama.json'} and {out / 'llama.md'}")
+
+
+def _markdown(res: dict) -> str:
+  m = res["machine"]
+  lora, dec = res["lora_step"], res["decode"]
+  lines = [
+    "# LLaMA benchmark (emo_jax vs transformers/peft, torch CPU)", "",
+    f"{'QUICK run (1 repetition): not a final number. ' if res['quick'] else ''}"
+    f"Machine: {m['cpu_count']} CPUs, load {m['loadavg_1m']:.1f}, jax {m['jax']} "
+    f"({m['backend']}). fp32 2048^3 matmul: {m['matmul_fp32_2048']['peak_gflops']:.1f} GFLOP/s; "
+    f"read bandwidth {m['read_bandwidth_gbs']:.1f} GB/s.", "",
+    "| LoRA step (4L, d512, seq 512, batch 4, r16 qkvo, fp32) | s/step | tokens/s | "
+    "model GFLOP/s | of matmul |", "|---|---|---|---|---|"]
+  for side in ("jax", "torch_peft"):
+    if side in lora:
+      r = lora[side]
+      lines.append(f"| {side} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                   f"{r['model_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% |")
+  if "speedup_tokens_per_s" in lora:
+    lines.append(f"\nLoRA step speed-up (tokens/s): {lora['speedup_tokens_per_s']:.2f}x")
+  lines += ["", "| greedy decode (batch 4, prompt 64, 128 new) | s | tokens/s | "
+            "of weight-streaming limit |", "|---|---|---|---|",
+            f"| jax | {dec['jax']['total_s']:.3f} | {dec['jax']['tokens_per_s']:.0f} | "
+            f"{100 * dec['jax']['fraction_of_streaming_limit']:.0f}% |"]
+  if "hf_generate" in dec:
+    lines.append(f"| hf generate | {dec['hf_generate']['total_s']:.3f} | "
+                 f"{dec['hf_generate']['tokens_per_s']:.0f} | |")
+    lines.append(f"\nDecode speed-up (tokens/s): {dec['speedup_tokens_per_s']:.2f}x")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  main()
