@@ -205,13 +205,16 @@ class PriorStore:
 
 def make_priors_fn(runner: PriorRunner, template: str | None = None):
   """A `priors_fn(crops uint8 [F, S, S, 3], record)` hook for preprocess.write_shards: stores the
-  PRIOR_FIELDS arrays and, with a template, the `agr_sentence` text of the sample."""
+  PRIOR_FIELDS arrays and, with a template, the sample's `agr_sentence` (face.agr_sentence)."""
   def priors_fn(crops: np.ndarray, record) -> dict[str, Any]:
-    out = runner(crops)
+    out: dict[str, Any] = runner(crops)
     if template is not None:
-      labels = agr_labels(out)
-      media = "video" if getattr(record, "media_type", "image") != "image" else "image"
-      out["agr_sentence"] = template.format(media=media, **labels)
+      from emo_jax.models import face as face_lib
+      idx = face_lib.agr_indices(out["age_logits"][None], out["gender_logits"][None],
+                                 out["race_logits"][None])[0]
+      still = getattr(record, "media_type", "image") in ("image", "pixels")
+      out["agr_sentence"] = face_lib.agr_sentence(*idx, template=template,
+                                                  media="image" if still else "video")
     return out
   return priors_fn
 

@@ -336,6 +336,11 @@ def test_precomputed_priors_equal_online(setup, tmp_path):
                                np.asarray(online.race_logits)[None])[0]
     sentence = face_lib.agr_sentence(*idx)
     assert got["agr_labels"]["age"] in sentence and got["agr_labels"]["race"] in sentence
+    if rid == "rec2":  # the preprocess hook gives the same arrays and the AGR sentence
+      hooked = pp.make_priors_fn(runner, face_lib.AGR_TEMPLATE)(crops, None)
+      for k in want:
+        np.testing.assert_allclose(hooked[k], got[k], atol=1e-6, err_msg=k)
+      assert hooked["agr_sentence"] == face_lib.agr_sentence(*idx, face_lib.AGR_TEMPLATE)
   with pytest.raises(KeyError, match="nope"):
     store["nope"]
   with pytest.raises(ValueError, match="duplicate"):

@@ -169,18 +169,19 @@ def _variables(model: nnx.Module) -> dict[str, tuple[nnx.Variable, Any]]:
   return out
 
 
-def _layout(value: np.ndarray, var: nnx.Variable, owner: Any, torch_name: str) -> np.ndarray:
-  if torch_name.endswith("weight") and value.ndim == 4 and var.shape != value.shape:
-    if len(var.shape) == 2:  # 1x1 conv used as a Linear (linear_fuse)
+def _layout(value: np.ndarray, owner: Any, torch_name: str) -> np.ndarray:
+  """Torch layout -> ours, decided by the owning module (never by a shape coincidence)."""
+  if not torch_name.endswith("weight"):
+    return value
+  if isinstance(owner, nnx.Conv):  # torch [O, I, kh, kw] -> [kh, kw, I, O]
+    return value.transpose(2, 3, 1, 0)
+  if isinstance(owner, nnx.Linear):
+    if value.ndim == 4:  # a 1x1 conv used as a Linear (linear_fuse)
       if value.shape[2:] != (1, 1):
         raise ValueError(f"{torch_name}: expected a 1x1 conv, got {value.shape}")
-      return value[:, :, 0, 0].T
-    if isinstance(owner, nnx.Conv):  # torch [O, I, kh, kw] -> [kh, kw, I, O]
-      return value.transpose(2, 3, 1, 0)
-    return value  # ConvTranspose weights keep torch layout [I, O, kh, kw]
-  if torch_name.endswith("weight") and value.ndim == 2 and isinstance(owner, nnx.Linear):
+      value = value[:, :, 0, 0]
     return value.T
-  return value
+  return value  # norms, embeddings, bias tables, ConvTranspose (kept in torch layout)
 
 
 def load_torch_state_into(model: nnx.Module, state: Mapping[str, Any], key_fn, *,
@@ -216,7 +217,7 @@ def load_torch_state_into(model: nnx.Module, state: Mapping[str, Any], key_fn, *
       unknown.append(name)
       continue
     var, owner = variables[path]
-    arr = _layout(value, var, owner, name)
+    arr = _layout(value, owner, name)
     if tuple(arr.shape) != tuple(var.shape):
       raise ValueError(f"{name} -> {path}: shape {arr.shape} does not fit {var.shape}")
     var.set_value(jnp.asarray(arr, dtype=var.dtype))
