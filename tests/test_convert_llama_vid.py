@@ -224,11 +224,12 @@ def test_bin_shards_need_allow_pickle_and_load_the_same(ckpt, loaded):
 
 def test_face_modules_and_lora_are_fresh_and_bad_checkpoints_fail(ckpt, tmp_path):
   m = load_llama_vid(str(ckpt["safe"]), qformer_num_heads=2, vision_num_heads=HEADS_V,
-                     use_face=True, lora_rank=2,
+                     use_face=True, lora_rank=2, compress_type="mean",
                      trainable=("qformer", "projectors", "face", "lora"),
                      face=__import__("emo_jax.models.face", fromlist=["x"]).FaceMiningConfig(
                          face_dim=16, hidden_dim=16, num_heads=2, num_tokens=2))
   assert m.config.use_face and m.face_prior is not None and m.config.lora_rank == 2
+  assert m.config.compress_type == "mean" and m.config.tokens_per_frame == 1 + 1 + 2
   lb = [v for p, v in nnx.to_flat_state(nnx.state(m, nnx.LoRAParam)) if p[-1] == "lora_b"]
   assert lb and all(not np.asarray(v[...]).any() for v in lb)  # LoRA starts at the base model
   # Unknown tensors, a missing vision tower and unsupported variants are clear errors.

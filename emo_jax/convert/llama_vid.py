@@ -98,7 +98,7 @@ def load_llama_vid(path: str, *, dtype: Any = jnp.float32, allow_pickle: bool = 
   """A LLaMA-VID checkpoint directory -> `EmoLlama` with the same numbers.
 
   config_overrides go to `EmoLlamaConfig` (e.g. `use_face`, `face`, `face_prior`, `lora_rank`,
-  `trainable`); parts absent from LLaMA-VID (face modules, LoRA) are initialised from `seed`.
+  `trainable`, or `compress_type`, which defaults to the checkpoint's); parts absent from LLaMA-VID (face modules, LoRA) are initialised from `seed`.
   `qformer_num_heads` / `vision_num_heads` are needed because head counts are not in the
   tensor shapes (BERT-base 12; EVA-ViT-G width / 88).
   """
@@ -138,10 +138,13 @@ def load_llama_vid(path: str, *, dtype: Any = jnp.float32, allow_pickle: bool = 
     raise CheckpointError(f"{what}: mm_hidden_size {mm_hidden} != vision width "
                           f"{vision.cfg.hidden_size}")
 
-  config = EmoLlamaConfig(llm=llm.config, vision=vision.cfg, qformer=qcfg,
-                          compress_type=compress_type_from_config(hf),
-                          **{"use_face": False, "lora_rank": 0,
-                             "trainable": ("qformer", "projectors"), **config_overrides})
+  kw = {"compress_type": compress_type_from_config(hf), "use_face": False, "lora_rank": 0,
+        "trainable": ("qformer", "projectors")}
+  if config_overrides.get("compress_type", kw["compress_type"]) != kw["compress_type"]:
+    log.warning("%s was trained with compress_type %r; using %r", what, kw["compress_type"],
+                config_overrides["compress_type"])
+  kw.update(config_overrides)
+  config = EmoLlamaConfig(llm=llm.config, vision=vision.cfg, qformer=qcfg, **kw)
   model = assemble(config, seed=seed, vision_tower=vision, vlm_att_encoder=qformer.qformer,
                    vlm_att_query=qformer.query_tokens, language_model=llm)
   for name, attrs in PROJECTORS.items():
