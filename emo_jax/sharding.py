@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -178,3 +178,16 @@ def shard_state(state: Any, mesh: Mesh, rules: Rules) -> Any:
   """device_put a concrete nnx State according to its logical axes."""
   shardings = state_shardings(state, mesh, rules)
   return jax.tree.map(lambda v, s: jax.device_put(v, s), state, shardings)
+
+
+def init_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nnx.Module:
+  """Build `make()` with every Variable created directly in its sharding (no host copy).
+
+  The abstract state (`nnx.eval_shape`) gives the shardings; `make` then runs under
+  `jax.jit(out_shardings=...)`, so each device only materialises its own shards.
+  """
+  abstract = nnx.eval_shape(make)
+  graphdef, abs_state = nnx.split(abstract)
+  shardings = state_shardings(abs_state, mesh, rules)
+  state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
+  return nnx.merge(graphdef, state)

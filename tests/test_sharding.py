@@ -32,6 +32,20 @@ def test_logical_to_spec_rules():
   assert shd.make_mesh((2, -1, 1)).devices.shape == (2, 4, 1)
 
 
+def test_init_sharded_creates_weights_in_place():
+  from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM
+  mesh = shd.make_mesh((2, 2, 2))
+  cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, scan_layers=True)
+  model = shd.init_sharded(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), mesh,
+                           shd.RULES_FSDP_TP)
+  k = model.model.layers.mlp.up_proj.kernel[...]
+  assert k.shape == (2, 16, 32) and k.sharding.spec == P(None, "fsdp", "tensor")
+  # Same random weights as an unsharded init (eager and jitted RNG differ in the last ulp).
+  ref = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)).model.layers.mlp.up_proj.kernel[...]
+  np.testing.assert_allclose(np.asarray(k), np.asarray(ref), atol=1e-6, rtol=0)
+
+
 def _batch(rng):
   ids = rng.randint(3, 96, (4, 12)).astype(np.int32)
   mask = np.ones_like(ids)

@@ -73,6 +73,7 @@ def _eos_tuple(eos_token_id) -> tuple[int, ...]:
 def _generate_jit(graphdef, state, input_ids, inputs_embeds, attention_mask, rng, *,
                   max_new_tokens, eos, pad, sampling):
   model = nnx.merge(graphdef, state)
+  model.eval()  # dropout off (on this traced copy only; the caller's model is untouched)
   b, t = attention_mask.shape
   cache = model.init_cache(b, t + max_new_tokens)
   logits, cache = model(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
