@@ -253,3 +253,16 @@ def test_bundle_roundtrip_gives_identical_logits(cfg, model, fns, tmp_path):
     bundle.load_bundle(tmp_path / "b")
   with pytest.raises(CheckpointError, match="not found"):
     bundle.load_bundle(tmp_path)
+
+
+def test_agr_sentences_from_the_models_face_prior(cfg, model):
+  from emo_jax.models.face import agr_sentences as agr_from_priors
+  batch = _batch(cfg)
+  got = model.agr_sentences(batch, media=["image", "video", "video"])
+  b, f = batch["frame_mask"].shape
+  crops = batch["face_crops"].reshape((b * f,) + batch["face_crops"].shape[2:])
+  priors = model.face_prior(crops).reshape_frames(b, f)
+  # Padding-frame crops are random here: they must be ignored by the frame average.
+  assert got == agr_from_priors(priors, batch["frame_mask"], cfg.agr_template,
+                                ["image", "video", "video"])
+  assert got[0].startswith("The person in the image appears to be a ")

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emo_jax.models import face as face_lib
 from emo_jax.models.face import AGR_TEMPLATE, FaceInfoMining, FaceMiningConfig
 from emo_jax.models.face_prior import FacePriors, TinyFacePrior, TinyFacePriorConfig
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -486,6 +487,19 @@ class EmoLlama(nnx.Module):
     embeds = jnp.where(is_img[..., None], jnp.where(real[..., None], gathered, 0), text)
     mask = attention_mask * jnp.where(is_img & ~real, 0, 1).astype(attention_mask.dtype)
     return constrain(embeds, ("batch", "length", "embed")), mask
+
+  def agr_sentences(self, batch: Mapping[str, Any], media: str | Sequence[str] = "image"
+                    ) -> list[str]:
+    """AGR sentence per sample (config template) from the face prior run on `face_crops`,
+    logits averaged over the real frames: the host-side prior pass for the user prompt."""
+    if self.face_prior is None:
+      raise ValueError("no face prior network in this model (face_prior='precomputed' or "
+                       "use_face=False): take the AGR predictions from the precomputed priors")
+    crops = jnp.asarray(batch["face_crops"])
+    b, f = crops.shape[:2]
+    priors = self.face_prior(crops.reshape((b * f,) + crops.shape[2:])).reshape_frames(b, f)
+    return face_lib.agr_sentences(priors, batch.get("frame_mask"), self.config.agr_template,
+                                  media)
 
   # -- outputs -----------------------------------------------------------------------------
 
