@@ -73,6 +73,9 @@ def test_dropout_only_in_train_mode():
   assert not np.allclose(train_a, train_b)
   model.eval()
   np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids)))
+  scanned = LlamaForCausalLM(CFG.replace(scan_layers=True), rngs=nnx.Rngs(0))
+  with pytest.raises(NotImplementedError, match="dropout"):
+    apply_lora(scanned, rank=2, alpha=2, dropout=0.1)
 
 
 def test_train_step_updates_only_lora():
