@@ -17,6 +17,9 @@ _EXPORTS = {
     "load_clip_vision": "emo_jax.convert.vision_hf",
     "load_instructblip_qformer": "emo_jax.convert.vision_hf",
     "load_eva_vit": "emo_jax.convert.eva",
+    "load_llama_vid": "emo_jax.convert.llama_vid",
+    "save_bundle": "emo_jax.convert.bundle",
+    "load_bundle": "emo_jax.convert.bundle",
 }
 
 __all__ = sorted(_EXPORTS)
