@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.lora_alpha = 16.0
 
   # ---- pretrained weights (none: everything is random in the default)
-  c.init = ml_collections.ConfigDict(dict(bundle="", llm="", vision="", qformer="",
+  c.init = ml_collections.ConfigDict(dict(bundle="", llama_vid="", llm="", vision="", qformer="",
                                           face_prior="", allow_pickle=False))
 
   # ---- data
@@ -83,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.compute_dtype = "float32"      # 'bfloat16' casts params for the forward/backward
   t.log_every = 25
   t.peak_flops_per_device = 180e9  # the 2-core CI box's fp32 matmul rate (for MFU)
+  t.log_batch_hashes = False       # write <workdir>/batch_hashes.<process>.jsonl (provenance)
 
   k = c.checkpoint = ml_collections.ConfigDict()
   k.every_steps = 150
@@ -101,6 +102,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.batch_size = 32
   e.max_new_tokens = 4
   e.max_examples = 0               # > 0: evaluate on a prefix (quick checks)
+
+  # ---- predict (see emo_jax.train.predict)
+  p = c.predict = ml_collections.ConfigDict()
+  p.dataset = "synthetic"          # whose class list is offered / scored
+  p.face_mode = "detect"           # a face must be found ('aligned': skip detection)
+  p.crop_to_face = False           # the synthetic model saw whole aligned frames
+  p.face_margin = 0.2
+  p.window_secs = 2.0              # longer videos get a per-window timeline
+  p.max_new_tokens = 8
 
   # ---- export
   x = c.export = ml_collections.ConfigDict()

@@ -83,3 +83,116 @@ def test_half_written_checkpoint_is_never_restored(tmp_path, damage):
 def test_iterator_without_state_is_rejected():
   with pytest.raises(TypeError, match="get_state"):
     ckpt_lib.CheckpointableIterator(iter([1, 2]))
+
+
+# ------------------------------------------------------------------------------------------
+# The main job in subprocesses: SIGKILL at an arbitrary step, SIGTERM, restart.
+
+import json  # noqa: E402
+import random  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+NUM_STEPS = 12
+
+
+def _cmd(workdir, data_root, every_steps):
+  return [sys.executable, "-m", "emo_jax.main", "--config=configs/default.py:test",
+          f"--workdir={workdir}", f"--config.data.root={data_root}",
+          f"--config.train.num_steps={NUM_STEPS}",
+          f"--config.checkpoint.every_steps={every_steps}",
+          "--config.checkpoint.max_to_keep=20", "--config.train.log_batch_hashes=True",
+          "--config.eval.at_end=False", "--config.export.at_end=False"]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _run_until(cmd, at_step, sig, timeout=600):
+  """Starts the job; sends `sig` once it printed step=`at_step` (None: run to the end).
+  Returns (returncode, stdout)."""
+  p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+  out = []
+  t0 = time.time()
+  for line in p.stdout:
+    out.append(line)
+    if at_step is not None and line.startswith(f"step={at_step} "):
+      p.send_signal(sig)
+      at_step = None
+    if time.time() - t0 > timeout:
+      p.kill()
+      raise TimeoutError("".join(out[-30:]))
+  p.wait()
+  return p.returncode, "".join(out)
+
+
+def _final_arrays(workdir):
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = ck.latest_step()
+  restored = ck.manager.restore(step, args=ckpt_lib.ocp.args.Composite(
+      state=ckpt_lib.ocp.args.StandardRestore()))
+  ck.close()
+  return step, {k: np.asarray(v) for k, v in restored["state"].items()}
+
+
+def _hashes(workdir):
+  seen = {}
+  with open(os.path.join(workdir, "batch_hashes.0.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      seen.setdefault(r["step"], set()).add(r["sha1"])
+  return seen
+
+
+def _summary(out):
+  return json.loads(out[out.rindex("\n{"):])
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigkill_resume_bitwise(tmp_path):
+  data = str(tmp_path / "data")
+  # Reference: never interrupted.
+  rc, out = _run_until(_cmd(tmp_path / "ref", data, 4), None, None)
+  assert rc == 0, out[-3000:]
+  assert _summary(out)["step"] == NUM_STEPS
+  # SIGTERM (preemption notice): finish the step, save it, exit 0 before the end.
+  rc, out = _run_until(_cmd(tmp_path / "run", data, 4), 2, signal.SIGTERM)
+  assert rc == 0, out[-3000:]
+  s = _summary(out)
+  assert s["preempted"] and s["step"] < NUM_STEPS, s
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints"))
+  assert ck.latest_step() == s["step"]      # saved at the step it stopped, not periodically
+  ck.close()
+  # Restart; SIGKILL at an arbitrary later step (its async save may be half written).
+  kill_at = random.Random(os.getpid()).randint(s["step"] + 1, NUM_STEPS - 2)
+  rc, out = _run_until(_cmd(tmp_path / "run", data, 4), kill_at, signal.SIGKILL)
+  assert rc == -signal.SIGKILL, out[-3000:]
+  assert f"resumed from step {s['step']}" in out
+  # Restart to the end.
+  rc, out = _run_until(_cmd(tmp_path / "run", data, 4), None, None)
+  assert rc == 0, out[-3000:]
+  assert _summary(out)["step"] == NUM_STEPS
+
+  ref_step, ref = _final_arrays(tmp_path / "ref")
+  run_step, run = _final_arrays(tmp_path / "run")
+  assert ref_step == run_step == NUM_STEPS
+  assert ref.keys() == run.keys() and len(ref) > 10
+  for k in ref:
+    np.testing.assert_array_equal(ref[k], run[k], err_msg=k)   # bitwise
+  # Same batch at every step, including the steps that ran twice.
+  ref_h, run_h = _hashes(tmp_path / "ref"), _hashes(tmp_path / "run")
+  assert sorted(ref_h) == sorted(run_h) == list(range(1, NUM_STEPS + 1))
+  for step in ref_h:
+    assert len(ref_h[step]) == 1 and run_h[step] == ref_h[step], step
+  assert len({next(iter(v)) for v in ref_h.values()}) == NUM_STEPS   # batches differ

@@ -16,6 +16,8 @@ FLOP/s of the devices (`config.train.peak_flops_per_device`; 0 -> no MFU).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import signal
 import sys
@@ -190,10 +192,17 @@ def train(config, workdir: str) -> dict:
   pending: list[dict] = []   # device metrics since the last log (fetched when logging)
   step = start
   stopped = False
+  hash_log = None
+  if config.train.get("log_batch_hashes", False):
+    hash_log = open(os.path.join(workdir, f"batch_hashes.{jax.process_index()}.jsonl"), "a")
   try:
     with sharding_lib.use_mesh_rules(built.mesh, built.rules):
       while step < num_steps:
-        batch = _global_batch(next(train_iter), built.mesh)
+        host_batch = next(train_iter)
+        if hash_log is not None:   # data provenance: which examples each step saw
+          hash_log.write(json.dumps({"step": step + 1, "sha1": _batch_sha1(host_batch)}) + "\n")
+          hash_log.flush()
+        batch = _global_batch(host_batch, built.mesh)
         key = tuple((k, v.shape) for k, v in sorted(batch.items()))
         if key not in compiled:   # one compile per bucket length
           compiled[key] = step_fn.lower(state, built.frozen, batch).compile()
@@ -227,6 +236,8 @@ def train(config, workdir: str) -> dict:
           logging.warning("stopping at step %d after SIGTERM (checkpoint saved)", step)
           break
   finally:
+    if hash_log is not None:
+      hash_log.close()
     checkpointer.close()
     writer.flush()
     preempt.uninstall()
@@ -234,6 +245,16 @@ def train(config, workdir: str) -> dict:
     logging.warning(skips.report())
   return {"step": step, "num_steps": num_steps, "preempted": stopped,
           "skipped": skips.counts, "state": state, "built": built}
+
+
+def _batch_sha1(batch) -> str:
+  h = hashlib.sha1()
+  for k in sorted(batch):
+    a = np.ascontiguousarray(np.asarray(batch[k]))
+    h.update(k.encode())
+    h.update(str(a.shape).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
 
 
 def _flat_hparams(config) -> dict:

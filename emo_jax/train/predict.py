@@ -1,3 +1,254 @@
-"""placeholder, replaced below"""
+"""predict: one image or video (+ an optional question) -> answer, emotion, probability.
+
+    python -m emo_jax.main --config=... --workdir=... --mode=predict --input=face.jpg \\
+        [--question="How does this person feel?"]
+
+Prints the model's generated answer to the question (default: the category question over
+the classes of `config.predict.dataset`), and the detected emotion with its probability
+from the option-likelihood scorer (softmax over the classes' answer log-likelihoods, see
+train.evaluate). A video longer than `config.predict.window_secs` is cut into windows of
+that length; each window is classified and the per-window timeline is written to
+<workdir>/predict/<name>_timeline.{json,png}.
+
+Face handling (config.predict.face_mode): 'detect' requires a face (OpenCV detector) in
+the image / in some frame of each window and fails clearly when there is none; with
+`crop_to_face` the model sees the crop (real-world photos), without it the whole frame
+(the synthetic default was trained on aligned whole-frame faces). 'aligned' skips
+detection (the input is already a face crop).
+
+Bad inputs (missing file, not an image / video, unreadable video, no face) raise
+PredictError, which the command prints as `error: ...` and exits with status 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from emo_jax.train import evaluate as eval_lib
+from emo_jax.train import task as task_lib
+from input_pipeline import instructions as instructions_lib
+from input_pipeline import labels as labels_lib
+from input_pipeline import media as media_lib
+from input_pipeline import pipeline as pipeline_lib
+from input_pipeline.records import BadInputError, Record, SkipCounter
+
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+VIDEO_EXT = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv")
+
+
 class PredictError(Exception):
-  pass
+  """A bad input to predict; the message says what is wrong with which file."""
+
+
+def _kind(path: str) -> str:
+  if not os.path.exists(path):
+    raise PredictError(f"{path}: no such file")
+  if not os.path.isfile(path):
+    raise PredictError(f"{path}: not a file")
+  ext = os.path.splitext(path)[1].lower()
+  if ext in IMAGE_EXT:
+    return "image"
+  if ext in VIDEO_EXT:
+    return "video"
+  # Unknown extension: sniff. PIL first, then PyAV.
+  try:
+    media_lib.load_image(path)
+    return "image"
+  except BadInputError:
+    pass
+  try:
+    media_lib.count_frames(path)
+    return "video"
+  except (BadInputError, Exception):  # pylint: disable=broad-except
+    raise PredictError(f"{path}: neither a readable image nor a readable video") from None
+
+
+def _video_info(path: str) -> tuple[int, float]:
+  import av
+  try:
+    with av.open(path) as c:
+      if not c.streams.video:
+        raise PredictError(f"{path}: unreadable video (no video stream)")
+      s = c.streams.video[0]
+      rate = float(s.average_rate or s.guessed_rate or 25)
+  except av.error.FFmpegError as e:
+    raise PredictError(f"{path}: unreadable video ({e})") from None
+  try:
+    n = media_lib.count_frames(path)
+  except BadInputError as e:
+    raise PredictError(f"{path}: unreadable video ({e})") from None
+  if n <= 0:
+    raise PredictError(f"{path}: unreadable video (no frames)")
+  return n, rate
+
+
+def _decode_windows(path: str, num_frames: int, n_total: int, fps: float,
+                    window_secs: float) -> list[tuple[float, float, np.ndarray]]:
+  """[(start_s, end_s, uint8 [F, H, W, 3])]: each window's frames sampled uniformly."""
+  import av
+  per = max(1, int(round(window_secs * fps)))
+  starts = list(range(0, n_total, per))
+  want: dict[int, int] = {}
+  for w, s in enumerate(starts):
+    e = min(s + per, n_total)
+    for i in media_lib.sample_indices(e - s, num_frames):
+      want.setdefault(s + int(i), w)
+  frames: dict[int, np.ndarray] = {}
+  try:
+    with av.open(path) as c:
+      for i, fr in enumerate(c.decode(video=0)):
+        if i in want:
+          frames[i] = fr.to_ndarray(format="rgb24")
+  except av.error.FFmpegError as e:
+    raise PredictError(f"{path}: unreadable video ({e})") from None
+  out = []
+  for w, s in enumerate(starts):
+    e = min(s + per, n_total)
+    idx = [s + int(i) for i in media_lib.sample_indices(e - s, num_frames)]
+    got = [frames[i] for i in idx if i in frames]
+    if got:
+      out.append((s / fps, e / fps, np.stack(got)))
+  if not out:
+    raise PredictError(f"{path}: unreadable video (no decodable frames)")
+  return out
+
+
+def _faces(frames: np.ndarray, path: str, cfg) -> np.ndarray:
+  """Checks for a face (and crops to it when configured). Raises PredictError."""
+  if cfg.face_mode == "aligned":
+    return frames
+  if cfg.face_mode != "detect":
+    raise ValueError(f"config.predict.face_mode must be 'detect' or 'aligned', "
+                     f"got {cfg.face_mode!r}")
+  crops, found = [], []
+  for f in frames:
+    try:
+      crops.append(media_lib.crop_face(f, margin=cfg.get("face_margin", 0.2), path=path))
+      found.append(True)
+    except BadInputError:
+      crops.append(None)
+      found.append(False)
+  if not any(found):
+    raise PredictError(f"{path}: no face found (detector: OpenCV Haar cascade); pass a face "
+                       "image or --config.predict.face_mode=aligned for pre-cropped faces")
+  if not cfg.get("crop_to_face", True):
+    return frames
+  first = next(c for c in crops if c is not None)
+  side = first.shape[0]
+  fill = [c if c is not None else first for c in crops]
+  import cv2
+  return np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in fill])
+
+
+def _timeline_png(timeline: list[dict], classes, path: str) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  t = [(w["start"] + w["end"]) / 2 for w in timeline]
+  fig, ax = plt.subplots(figsize=(8, 3.5))
+  for c in classes:
+    ax.plot(t, [w["probs"][c] for w in timeline], marker="o", label=c)
+  ax.set_xlabel("time (s)")
+  ax.set_ylabel("probability")
+  ax.set_ylim(0, 1)
+  ax.set_title("emotion per window")
+  ax.legend(fontsize=7, ncol=4, loc="upper right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def predict(config, workdir: str, input_path: str, *, question: str | None = None,
+            model=None) -> dict:
+  """Runs the model of `workdir` on one file; prints and returns the result."""
+  kind = _kind(input_path)   # input errors before the (slow) model restore
+  pcfg_user = config.predict
+  model_cfg = task_lib.model_config(config)
+  num_frames = config.data.pipeline.num_frames
+  if kind == "image":
+    try:
+      windows = [(0.0, 0.0, media_lib.load_image(input_path)[None])]
+    except BadInputError as e:
+      raise PredictError(f"{input_path}: not a readable image ({e.reason}: {e.detail})") from None
+  else:
+    n, fps = _video_info(input_path)
+    if n / fps > pcfg_user.window_secs * 1.5:
+      windows = _decode_windows(input_path, num_frames, n, fps, pcfg_user.window_secs)
+    else:
+      try:
+        windows = [(0.0, n / fps, media_lib.decode_video(input_path, num_frames))]
+      except BadInputError as e:
+        raise PredictError(f"{input_path}: unreadable video ({e.reason}: {e.detail})") from None
+  windows = [(s, e, _faces(f, input_path, pcfg_user)) for s, e, f in windows]
+
+  from emo_jax.train import loop
+  if model is None:
+    _, model, _ = loop.restore_trained(config, workdir)
+  paths = task_lib.prepare_data(config, workdir)
+  tok, qtok = task_lib.tokenizers(paths)
+  pcfg = task_lib.pipeline_config(config, model_cfg, shuffle=False, shuffle_options=False,
+                                  face_mode="aligned")
+  builder = pipeline_lib.ExampleBuilder(pcfg, tok, qtok, strict=True)
+  scorer = eval_lib.Scorer(model, max_new_tokens=config.predict.max_new_tokens,
+                           eos_id=tok.eos_id, pad_id=tok.pad_id)
+  classes = labels_lib.classes(pcfg_user.dataset)
+  media_type = "image" if kind == "image" else "video"
+  cat_q = "<image>\n" + instructions_lib.QUESTION_TEMPLATE.format(
+      media=instructions_lib.media_word(media_type), options=", ".join(classes))
+  user_q = cat_q if not question else "<image>\n" + question.strip()
+  name = os.path.splitext(os.path.basename(input_path))[0]
+
+  def element(frames, q, a):
+    conv = [{"from": "human", "value": q}] + ([{"from": "gpt", "value": a}] if a else [])
+    rec = Record(dataset=pcfg_user.dataset, split="test", id=name, media=input_path,
+                 media_type=media_type, conversations=tuple(conv))
+    try:
+      return builder(dict(record=rec, frames=frames), np.random.default_rng(0))
+    except BadInputError as e:
+      raise PredictError(f"{input_path}: {e}") from None
+
+  bs, buckets = len(classes), pcfg.bucket_lengths
+  timeline = []
+  for start, end, frames in windows:
+    exs = [element(frames, cat_q, c) for c in classes]
+    lp = scorer.answer_logp(eval_lib.collate(exs, bs, buckets, tok.pad_id))[:len(classes)]
+    p = np.exp(lp - lp.max())
+    p = p / p.sum()
+    k = int(np.argmax(p))
+    timeline.append({"start": round(start, 3), "end": round(end, 3), "emotion": classes[k],
+                     "probability": float(p[k]),
+                     "probs": {c: float(v) for c, v in zip(classes, p)}})
+  # The generated answer: on the whole input (first window for a long video's summary).
+  gen_frames = windows[0][2] if len(windows) == 1 else windows[len(windows) // 2][2]
+  ids = scorer.generate(eval_lib.collate([element(gen_frames, user_q, None)], 1, buckets,
+                                         tok.pad_id))[0].tolist()
+  if tok.eos_id in ids:
+    ids = ids[:ids.index(tok.eos_id)]
+  answer = tok.decode([i for i in ids if i >= 0]).strip()
+
+  # Overall emotion: mean of the window probabilities.
+  mean_p = np.mean([[w["probs"][c] for c in classes] for w in timeline], axis=0)
+  k = int(np.argmax(mean_p))
+  result: dict[str, Any] = {"input": input_path, "kind": kind, "question": user_q[len("<image>\n"):],
+                            "answer": answer, "emotion": classes[k],
+                            "probability": float(mean_p[k]),
+                            "probs": {c: float(v) for c, v in zip(classes, mean_p)}}
+  print(f"answer: {answer}")
+  print(f"emotion: {classes[k]} (probability {mean_p[k]:.3f})")
+  if len(timeline) > 1:
+    out_dir = os.path.join(workdir, "predict")
+    os.makedirs(out_dir, exist_ok=True)
+    jpath = os.path.join(out_dir, f"{name}_timeline.json")
+    with open(jpath, "w") as f:
+      json.dump({"input": input_path, "window_secs": pcfg_user.window_secs,
+                 "timeline": timeline}, f, indent=1)
+    ppath = _timeline_png(timeline, classes, os.path.join(out_dir, f"{name}_timeline.png"))
+    result.update(timeline=timeline, timeline_json=jpath, timeline_png=ppath)
+    print(f"timeline: {len(timeline)} windows -> {jpath}, {ppath}")
+  logging.info("predict: %s", result)
+  return result

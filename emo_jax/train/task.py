@@ -79,19 +79,44 @@ def build_model(config, *, seed: int | None = None) -> emo_llama.EmoLlama:
 
 
 def load_pretrained(model: emo_llama.EmoLlama, config) -> None:
-  """Overwrites the randomly initialised parts with the checkpoints named in
-  `config.init` (paper config); nothing to do for the tiny default."""
+  """Overwrites the randomly initialised parts, in place, with the checkpoints named in
+  `config.init` (paper config); nothing to do for the tiny default (all fields empty).
+
+  init.bundle      an emo_jax bundle (export format (c)): every variable;
+  init.llama_vid   a LLaMA-VID checkpoint directory (LLM, Q-Former, projectors, ViT if
+                   `init.vision` is also given): every parameter it has;
+  init.llm         an HF LLaMA / Vicuna directory: the LLM base weights (LoRA stays);
+  init.vision      EVA-ViT-G (LAVIS eva_vit_g.pth / safetensors) or an HF CLIP directory;
+  init.qformer     an InstructBLIP checkpoint: Q-Former + learned queries;
+  init.face_prior  a FaceXFormer checkpoint.
+  Pickled torch files load only with init.allow_pickle=True.
+  """
   init = config.get("init")
   if not init:
     return
   allow_pickle = bool(init.get("allow_pickle", False))
+  cfg = model.config
   if init.get("bundle"):
     from emo_jax.convert import bundle
-    bundle.load_into(model, init.bundle, allow_pickle=allow_pickle)
+    src = bundle.load_bundle(init.bundle)
+    nnx.update(model, nnx.state(src, nnx.Not(nnx.RngState)))
+    return
+  if init.get("llama_vid"):
+    from emo_jax.convert import llama_vid
+    src = llama_vid.load_llama_vid(init.llama_vid, dtype=cfg.llm.param_dtype,
+                                   allow_pickle=allow_pickle, vision_path=init.get("vision") or None,
+                                   seed=config.seed, **{k: getattr(cfg, k) for k in (
+                                       "use_face", "face_prior", "compress_type")})
+    nnx.update(model, nnx.state(src, nnx.Param))
     return
   if init.get("llm"):
     from emo_jax.convert import llama_hf
-    llama_hf.load_into(model.language_model, init.llm, allow_pickle=allow_pickle)
+    src = llama_hf.load_llama(init.llm, dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype,
+                              allow_pickle=allow_pickle)
+    if src.config.vocab_size != cfg.llm.vocab_size:
+      raise ValueError(f"{init.llm} has vocab {src.config.vocab_size}, the config "
+                       f"{cfg.llm.vocab_size}")
+    nnx.update(model.language_model, nnx.state(src, nnx.Param))
   if init.get("vision"):
     from emo_jax.convert import eva
     eva.load_into(model.vision_tower, init.vision, allow_pickle=allow_pickle)
