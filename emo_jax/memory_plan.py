@@ -138,22 +138,69 @@ def llama2_7b_config(**overrides):
   return LlamaConfig(**kw)
 
 
-def program_from_config(config) -> Program:
-  """The train-step program a `configs/*.py` config describes (abstract shapes only)."""
+def program_from_config(config, *, total_steps: int = 1000) -> Program:
+  """The train step `emo_jax.main` runs for a `configs/*.py` config, from abstract shapes.
+
+  Model, trainable filter, loss, optimizer, compute dtype and accumulation come from the
+  same functions the training loop uses (emo_jax.train.task / optimizer); the batch
+  follows docs/INTERFACES.md "The batch" at the config's pipeline sizes, padded to the
+  largest bucket (the worst case the step is compiled for).
+  """
+  import jax
+  import jax.numpy as jnp
   from emo_jax import sharding as sharding_lib
+  from emo_jax.train import optimizer as opt_lib
+  from emo_jax.train import task as task_lib
+
   rules = _config_rules(config, sharding_lib)
-  model_cfg = config.get("model") if hasattr(config, "get") else None
-  if model_cfg is not None and "llama" in model_cfg and "kind" in model_cfg and (
-      model_cfg.kind == "llama"):
-    from emo_jax.models.llama import LlamaConfig
-    llama = LlamaConfig(**dict(model_cfg.llama))
-    lora = config.get("lora", {})
-    return llama_lora_program(llama, seq_len=int(config.data.max_length),
-                              lora_rank=int(lora.get("rank", 8)),
-                              lora_alpha=float(lora.get("alpha", 16.0)),
-                              optimizer=dict(config.get("optimizer", {})), rules=rules,
-                              name=str(config.get("name", "llama_lora")))
-  raise ValueError("memory_plan: this config has no model section it knows (model.kind)")
+  model_cfg = task_lib.model_config(config)
+  graphdef, params, rngs, frozen = _split_abstract(
+    lambda: task_lib.build_model(config), task_lib.trainable_filter(model_cfg))
+  tx, _ = opt_lib.make_optimizer(config.optimizer.to_dict(), total_steps, params)
+  pcfg = task_lib.pipeline_config(config, model_cfg)
+  use_crops = (model_cfg.use_face and model_cfg.face_prior != "precomputed"
+               and pcfg.face_mode != "none")
+  if model_cfg.use_face and model_cfg.face_prior == "precomputed":
+    raise ValueError("memory_plan: precomputed face priors have config-dependent shapes; "
+                     "plan with face_prior='tiny' or 'facexformer'")
+  f, t = pcfg.num_frames, max(pcfg.bucket_lengths)
+
+  def batch_spec(b: int) -> dict:
+    sds = jax.ShapeDtypeStruct
+    out = {
+      "frames": sds((b, f, pcfg.image_size, pcfg.image_size, 3), jnp.float32),
+      "frame_mask": sds((b, f), jnp.bool_),
+      "qformer_ids": sds((b, pcfg.qformer_max_length), jnp.int32),
+      "qformer_mask": sds((b, pcfg.qformer_max_length), jnp.int32),
+      "input_ids": sds((b, t), jnp.int32),
+      "attention_mask": sds((b, t), jnp.int32),
+      "loss_mask": sds((b, t), jnp.int32),
+    }
+    if use_crops:
+      out["face_crops"] = sds((b, f, pcfg.face_size, pcfg.face_size, 3), jnp.float32)
+    return out
+
+  ctype = config.train.get("compute_dtype", "float32")
+  groups = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+      nnx_state_merge(params, frozen)):
+    top = opt_lib.path_str(path).split("/", 1)[0]
+    groups[top] = groups.get(top, 0) + math.prod(leaf.shape)
+  return Program(
+    name=str(config.get("name", "emo_llama")), graphdef=graphdef, params=params, rngs=rngs,
+    frozen=frozen, tx=tx, loss_fn=task_lib.loss_fn, batch_spec=batch_spec, rules=rules,
+    accum_steps=int(config.train.get("accum_steps", 1)),
+    compute_dtype=None if ctype in ("", "float32") else task_lib.DTYPES[ctype],
+    info={"seq_len": t, "num_frames": f, "image_size": pcfg.image_size,
+          "tokens_per_frame": model_cfg.tokens_per_frame, "lora_rank": model_cfg.lora_rank,
+          "trainable_params": _count(params), "frozen_params": _count(frozen),
+          "frozen_bytes": _bytes(frozen), "trainable_bytes": _bytes(params),
+          **{f"params[{k}]": v for k, v in sorted(groups.items())}})
+
+
+def nnx_state_merge(*states):
+  from flax import nnx
+  return nnx.merge_state(*states)
 
 
 def _config_rules(config, sharding_lib):
@@ -182,8 +229,9 @@ def compile_step(program: Program, mesh, global_batch: int):
   from emo_jax import sharding as sharding_lib
   from emo_jax.train import step as step_lib
   state = abstract_train_state(program)
-  state_sh = sharding_lib.state_shardings(state, mesh, program.rules)
-  frozen_sh = sharding_lib.state_shardings(program.frozen, mesh, program.rules)
+  # The same sharding function the training loop uses (optimizer moments mirror params).
+  state_sh, frozen_sh = step_lib.state_and_frozen_shardings(state, program.frozen, mesh,
+                                                            program.rules)
   batch = program.batch_spec(global_batch)
   batch_sh = step_lib.batch_sharding(mesh)
   fn = step_lib.jit_train_step(program.graphdef, program.tx, program.loss_fn,
@@ -295,18 +343,22 @@ class Planner:
       raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
     if micro_batch not in self.results:
       t0 = time.perf_counter()
-      compiled = compile_step(self.program, self.mesh, micro_batch * self.batch_devices)
+      compiled = compile_step(self.program, self.mesh, self.global_batch(micro_batch))
       s = read_stats(compiled)
       s["micro_batch"] = micro_batch
-      s["global_batch"] = micro_batch * self.batch_devices
+      s["global_batch"] = self.global_batch(micro_batch)
       s["xla_flops_per_step"] = s["flops_per_device"] * self.mesh.size
       s["matmul_flops_per_step"], s["while_loops_counted_once"] = step_matmul_flops(
-        self.program, micro_batch * self.batch_devices)
+        self.program, self.global_batch(micro_batch))
       s["compile_seconds"] = round(time.perf_counter() - t0, 2)
       self.results[micro_batch] = s
       self.log(f"micro_batch={micro_batch}: peak {s['peak_bytes'] / GiB:.2f} GiB/device "
                f"(temp {s['temp_bytes'] / GiB:.2f}), compiled in {s['compile_seconds']} s")
     return self.results[micro_batch]
+
+  def global_batch(self, micro_batch: int) -> int:
+    """micro_batch per device x batch-sharded devices x accumulation steps."""
+    return micro_batch * self.batch_devices * self.program.accum_steps
 
   def fits(self, micro_batch: int, budget_bytes: float) -> bool:
     return self.stats(micro_batch)["peak_bytes"] <= budget_bytes
@@ -451,18 +503,14 @@ def expected_argument_bytes(program: Program, mesh, global_batch: int) -> int:
   memory_analysis(): every argument is one shard per device)."""
   import jax
   import numpy as np
-  from emo_jax import sharding as sharding_lib
   from emo_jax.train import step as step_lib
-  from flax import nnx
   state = abstract_train_state(program)
   total = 0
-  for tree in (state, program.frozen):
-    shardings = sharding_lib.state_shardings(tree, mesh, program.rules)
-    is_var = lambda x: isinstance(x, nnx.Variable)
-    for leaf, sh in zip(jax.tree.leaves(tree, is_leaf=is_var),
-                        jax.tree.leaves(shardings, is_leaf=is_var)):
-      val = leaf.get_value() if is_var(leaf) else leaf
-      sh = sh.get_value() if is_var(sh) else sh
+  trees = (state, program.frozen)
+  shards = step_lib.state_and_frozen_shardings(state, program.frozen, mesh, program.rules)
+  for tree, shardings in zip(trees, shards):
+    # Leaves of the abstract tree (ShapeDtypeStructs) pair up with NamedShardings.
+    for val, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
       total += math.prod(sh.shard_shape(val.shape)) * np.dtype(val.dtype).itemsize
   bsh = step_lib.batch_sharding(mesh)
   for x in jax.tree.leaves(program.batch_spec(global_batch)):

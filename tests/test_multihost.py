@@ -1,0 +1,180 @@
+"""Multi-host on one machine.
+
+End to end (slow): two `python -m emo_jax.main` processes joined by
+`jax.distributed.initialize(coordinator_address='localhost:<port>', num_processes=2,
+process_id=i)`, 4 fake CPU devices each (8 global; cross-process collectives over gloo),
+train the tiny config and must give the same per-step losses and the same checkpointed
+train state as one process with 8 devices. This is the code path a Cloud TPU pod runs on
+`--worker=all`.
+
+Input side (fast): the global batch of a step must hold the same examples, token for
+token, whatever the number of processes. Known bug, pinned by a strict xfail: the
+per-example randomness (shuffled answer options of generated instructions) is seeded by
+the index *inside a process's shard*, so it changes with the process count. The end-to-end
+test therefore turns option shuffling off; drop that and the xfail once it is fixed.
+"""
+
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 2
+TIMEOUT_S = 900
+
+CONFIG = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from configs import default
+
+
+def get_config(arg=None):
+  c = default.get_config("test")
+  c.data.pipeline.shuffle_options = SHUFFLE   # see tests/test_multihost.py docstring
+  return c
+"""
+
+
+def _write_config(path: pathlib.Path, shuffle: bool) -> pathlib.Path:
+  path.write_text(CONFIG.replace("SHUFFLE", repr(shuffle)))
+  return path
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _main_argv(config, workdir, *extra) -> list:
+  return [sys.executable, "-m", "emo_jax.main", f"--config={config}",
+          f"--workdir={workdir}", f"--config.train.num_steps={STEPS}",
+          "--config.train.log_every=1", "--config.eval.at_end=False",
+          "--config.export.at_end=False", "--config.checkpoint.async_save=False", *extra]
+
+
+def _losses(text: str) -> dict[int, float]:
+  return {int(s): float(l) for s, l in re.findall(r"step=(\d+) loss=([-\d.eE+naif]+)", text)}
+
+
+def _check(out: str, rc: int, what: str) -> None:
+  assert rc == 0, f"{what} failed (rc={rc}):\n{out[-4000:]}"
+
+
+# ------------------------------------------------------------------------------ input side
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+  from emo_jax.train import assets
+  root = tmp_path_factory.mktemp("mh_data")
+  paths = assets.ensure_default_data(str(root), num_images=24, num_clips=0, seed=0,
+                                     image_size=48)
+  return str(root), paths
+
+
+def _global_first_batch(root, paths, shuffle_options: bool, count: int) -> dict:
+  from configs import default
+  from emo_jax.train import task as task_lib
+  from input_pipeline import pipeline as pl
+  from input_pipeline.records import SkipCounter
+  c = default.get_config("test")
+  c.data.root = root
+  mc = task_lib.model_config(c)
+  toks = task_lib.tokenizers(paths)
+  recs = task_lib.train_records(c, root, SkipCounter(strict=True))
+  pcfg = task_lib.pipeline_config(c, mc, shuffle=True, num_epochs=None, drop_remainder=True,
+                                  seed=c.seed, shuffle_options=shuffle_options)
+  parts = [next(iter(pl.make_dataset(recs, pcfg, *toks, process_index=i,
+                                     process_count=count))) for i in range(count)]
+  # Process i contributes rows i, i+count, ... of the global shuffled order: restore it.
+  glob = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  b = len(glob["input_ids"])
+  order = np.argsort([i * count + j for j in range(count) for i in range(b // count)])
+  return {k: v[order] for k, v in glob.items()}
+
+
+@pytest.mark.parametrize("shuffle_options", [
+  False,
+  pytest.param(True, marks=pytest.mark.xfail(
+    strict=True, reason="per-example rng is seeded by the index within a host's shard")),
+])
+def test_global_batch_independent_of_process_count(tiny_data, shuffle_options):
+  root, paths = tiny_data
+  one = _global_first_batch(root, paths, shuffle_options, 1)
+  two = _global_first_batch(root, paths, shuffle_options, 2)
+  assert sorted(one) == sorted(two)
+  assert one["input_ids"].shape[0] == 8
+  for k in one:
+    np.testing.assert_array_equal(two[k], one[k], err_msg=k)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  config = _write_config(tmp_path / "mh_config.py", shuffle=False)
+  # 1) One process, 8 devices (also generates the synthetic data both runs read: the
+  #    multi-process run gets it ready-made, process 1 does not wait for process 0).
+  single_dir = tmp_path / "single"
+  single = subprocess.run(_main_argv(config, single_dir), cwd=ROOT, env=_env(8), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=TIMEOUT_S)
+  _check(single.stdout, single.returncode, "single-process run")
+  ref = _losses(single.stdout)
+  assert sorted(ref) == list(range(1, STEPS + 1)), single.stdout[-3000:]
+
+  # 2) Two processes x 4 devices on localhost, same data, one shared workdir.
+  port = _free_port()
+  multi_dir = tmp_path / "multi"
+  procs = []
+  for i in range(2):
+    argv = _main_argv(config, multi_dir, f"--config.data.root={single_dir / 'data'}",
+                      f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                      f"--process_id={i}")
+    procs.append(subprocess.Popen(argv, cwd=ROOT, env=_env(4), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=TIMEOUT_S)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    _check(out, p.returncode, f"process {i}")
+  got = _losses(outs[0])
+  assert sorted(got) == sorted(ref), outs[0][-3000:]
+  for step in ref:   # main prints the loss with 4 decimals
+    assert np.isfinite(ref[step])
+    np.testing.assert_allclose(got[step], ref[step], atol=2e-4, err_msg=f"step {step}")
+
+  # The trained state both runs checkpointed at the last step: same keys, same values.
+  import orbax.checkpoint as ocp
+  a = ocp.StandardCheckpointer().restore(single_dir / "checkpoints" / str(STEPS) / "state")
+  b = ocp.StandardCheckpointer().restore(multi_dir / "checkpoints" / str(STEPS) / "state")
+  assert sorted(a) == sorted(b) and len(a) > 10
+  params = [k for k in a if k.startswith("params/")]
+  assert params
+  for key in a:
+    np.testing.assert_allclose(np.asarray(b[key]), np.asarray(a[key]), rtol=1e-4, atol=1e-6,
+                               err_msg=key)
+  assert int(np.asarray(a["step"])) == STEPS
