@@ -19,12 +19,31 @@ grain's per-index generator, so it is reproducible and survives restore; the Q-F
 text is the first question without placeholder and without the AGR sentence; a skipped
 example shifts later batches (batches stay full), identical in a restored run;
 `global_batch_size` is split evenly over processes.
+
+Frozen-prior mode (`PipelineConfig.priors_dir`, issue 7): the face prior network is frozen,
+so `input_pipeline.precompute_priors` runs it once per sample and stores its outputs by
+`Record.id`. With `priors_dir` set, the builder looks each example up in that `PriorStore`
+(a missing id is the counted skip 'missing_priors'; strict: an error) and puts
+`face_global` / `face_local` [F, G|L, Cf] into the batch instead of `face_crops` (no face
+detection or crop preprocessing then). With `agr_prompt` the AGR sentence is built from the
+stored age / gender / race logits of the sample's real frames (averaged, as
+`EmoLlama.agr_sentences` does online) and goes into the first user turn.
+
+Frame agreement: frame i of the batch must be the frame the stored prior i was computed from.
+Sampling is deterministic (`media.sample_indices`: F uniform segment centres, no randomness),
+so the same record decoded with the same frame count gives the same frames, whether the
+priors were computed from preprocess shards (`precompute_priors --shards`, the frames stored
+beside the crops) or from records (`face_crop_items`, this builder's own decoding). The
+builder keeps the first `n_real = min(F_stored, num_frames)` frames of both the frames and
+the priors, and a sample whose stored prior count differs from its decoded / stored frame
+count is the counted skip 'priors_mismatch' (e.g. priors from 8-frame shards, training
+decoding 4 frames from the raw videos).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -69,6 +88,13 @@ class PipelineConfig:
     template: conversation template name.
     max_consecutive_skips: this many skipped inputs in a row stop the run with the skip
       report (a wrong root or config, not a few bad files; also ends an endless loop).
+    priors_dir: frozen-prior mode: a `precompute_priors` output directory; the batch then
+      carries `face_global` / `face_local` from it instead of `face_crops` (see above).
+    agr_prompt: put the AGR sentence built from the stored priors into the first user turn
+      (needs `priors_dir`; pre-extracted elements that carry an `agr_sentence` use it
+      regardless, as before).
+    agr_template: the AGR sentence template (None: emo_jax.models.face.AGR_TEMPLATE); must
+      equal the model's `EmoLlamaConfig.agr_template`.
   """
   global_batch_size: int = 8
   num_frames: int = 4
@@ -92,6 +118,9 @@ class PipelineConfig:
   read_threads: int = 1
   template: str = "vicuna_v1"
   max_consecutive_skips: int = 1000
+  priors_dir: str | None = None
+  agr_prompt: bool = False
+  agr_template: str | None = None
 
   def __post_init__(self):
     if self.max_length > max(self.bucket_lengths):
@@ -99,6 +128,9 @@ class PipelineConfig:
                        f"{max(self.bucket_lengths)}")
     if self.face_mode not in FACE_MODES:
       raise ValueError(f"face_mode must be one of {FACE_MODES}, got {self.face_mode!r}")
+    if self.agr_prompt and not self.priors_dir:
+      raise ValueError("agr_prompt takes the AGR sentence from precomputed priors: set "
+                       "priors_dir (see input_pipeline.precompute_priors)")
 
   @property
   def num_visual_slots(self) -> int:
@@ -148,6 +180,10 @@ class ExampleBuilder:
     self.qformer_tokenizer = qformer_tokenizer
     self.strict = strict
     self.template = template_lib.get_template(config.template)
+    self.priors = None
+    if config.priors_dir:
+      from input_pipeline.precompute_priors import PriorStore  # pylint: disable=g-import-not-at-top
+      self.priors = PriorStore(config.priors_dir)
 
   # -- media ---------------------------------------------------------------------------
 
@@ -167,22 +203,48 @@ class ExampleBuilder:
         return frames
       raise
 
+  def _stored_priors(self, record: Record) -> dict[str, Any]:
+    if record.id not in self.priors:
+      raise BadInputError("missing_priors", _where(record),
+                          f"no precomputed priors for id {record.id!r} in "
+                          f"{self.config.priors_dir}")
+    return self.priors[record.id]
+
+  def _agr_from_priors(self, priors: Mapping[str, Any], n_real: int, record: Record) -> str:
+    """The AGR sentence from the logits of the real frames (mean over frames, then argmax:
+    what EmoLlama.agr_sentences does with the frame mask)."""
+    from emo_jax.models import face as face_lib  # pylint: disable=g-import-not-at-top
+    idx = face_lib.agr_indices(*(np.asarray(priors[k])[None, :n_real] for k in
+                                 ("age_logits", "gender_logits", "race_logits")))[0]
+    still = record.media_type in ("image", "pixels")
+    return face_lib.agr_sentence(*idx, template=self.config.agr_template or face_lib.AGR_TEMPLATE,
+                                 media="image" if still else "video")
+
   # -- the example ---------------------------------------------------------------------
 
   def build(self, element: Record | Mapping[str, Any], rng: np.random.Generator) -> dict:
     cfg = self.config
+    record = element["record"] if _is_preextracted(element) else element
+    # Look the priors up before decoding: a missing id costs no media decoding.
+    stored = self._stored_priors(record) if self.priors is not None else None
     if _is_preextracted(element):
-      record = element["record"]
       frames = np.asarray(element["frames"])
       crops = element.get("face_crops")
       agr = element.get("agr_sentence")
     else:
-      record, crops, agr = element, None, None
+      crops, agr = None, None
       frames = self._frames(record)
     if frames.ndim != 4 or frames.shape[0] == 0:
       raise BadInputError("no_frames", str(record.media), f"frames of shape {frames.shape}")
+    if stored is not None and stored["face_global"].shape[0] != frames.shape[0]:
+      raise BadInputError("priors_mismatch", _where(record),
+                          f"{stored['face_global'].shape[0]} stored prior frames for "
+                          f"{frames.shape[0]} decoded frames (precompute with the same "
+                          "frame count)")
     n_real = min(frames.shape[0], cfg.num_frames)
     frames = frames[:n_real]
+    if stored is not None and cfg.agr_prompt:
+      agr = self._agr_from_priors(stored, n_real, record)
 
     inst = instructions_lib.instruction_for_record(
         record, rng=rng, shuffle=cfg.shuffle_options, option_names=cfg.option_names)
@@ -210,7 +272,10 @@ class ExampleBuilder:
         "loss_mask": tok.loss_mask,
         "label": np.int32(inst.label_index),
     }
-    if _is_preextracted(element) and "face_global" in element:
+    if stored is not None:
+      for key in ("face_global", "face_local"):
+        out[key] = _pad_frames(np.asarray(stored[key], np.float32)[:n_real], cfg.num_frames)
+    elif _is_preextracted(element) and "face_global" in element:
       out["face_global"] = _pad_frames(np.asarray(element["face_global"], np.float32)[:n_real],
                                        cfg.num_frames)
       out["face_local"] = _pad_frames(np.asarray(element["face_local"], np.float32)[:n_real],
@@ -235,6 +300,36 @@ class ExampleBuilder:
       if self.strict:
         raise BadInputError(f"error:{type(e).__name__}", _where(element), str(e)) from e
       return {SKIP_KEY: (f"error:{type(e).__name__}", _where(element), str(e))}
+
+
+def face_crop_items(source: Sequence[Record] | Any, config: PipelineConfig, *,
+                    skips: SkipCounter | None = None) -> Iterator[tuple[str, np.ndarray]]:
+  """(record id, uint8 face crops [F, face_size, face_size, 3]) per element of `source`, for
+  `precompute_priors.precompute_priors`.
+
+  Decoded exactly as ExampleBuilder does (same frame sampling and frame count, same face
+  mode, same resize), so the stored priors belong to the frames the batches carry, and
+  `PriorRunner` normalises them as `media.preprocess_face` does. Pre-extracted elements use
+  their stored `face_crops`. Bad inputs are counted in `skips` (strict: raised).
+  """
+  skips = skips if skips is not None else SkipCounter()
+  builder = ExampleBuilder(dataclasses.replace(config, priors_dir=None, agr_prompt=False),
+                           None, None, strict=skips.strict)
+  for i in range(len(source)):
+    element = source[i]
+    try:
+      if _is_preextracted(element):
+        record = element["record"]
+        crops = element.get("face_crops")
+        crops = np.asarray(element["frames"] if crops is None else crops)
+      else:
+        record = element
+        crops = builder._face_crops(builder._frames(record), record)  # pylint: disable=protected-access
+      if crops.ndim != 4 or crops.shape[0] == 0:
+        raise BadInputError("no_frames", _where(element), f"crops of shape {crops.shape}")
+      yield record.id, np.stack([media_lib.resize(c, config.face_size) for c in crops])
+    except BadInputError as e:
+      skips.skip(e.reason, e.path or _where(element), e.detail)
 
 
 def _where(element: Any) -> str:

@@ -66,9 +66,9 @@ class PriorRunner:
     crops = np.asarray(crops)
     if crops.ndim != 4 or crops.shape[-1] != 3:
       raise ValueError(f"face crops must be [N, S, S, 3], got {crops.shape}")
-    if crops.dtype == np.uint8:
-      from emo_jax.models.facexformer import normalize_crops
-      crops = np.asarray(normalize_crops(crops))
+    if crops.dtype == np.uint8:  # the pipeline's own normalisation (media.preprocess_face)
+      from input_pipeline import media
+      crops = media.normalize(crops, media.IMAGENET_MEAN, media.IMAGENET_STD)
     crops = crops.astype(np.float32)
     n, b = crops.shape[0], self.batch_size
     pad = (-n) % b
