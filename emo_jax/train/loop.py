@@ -16,6 +16,7 @@ FLOP/s of the devices (`config.train.peak_flops_per_device`; 0 -> no MFU).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -123,14 +124,31 @@ def build(config, workdir: str) -> Built:
   model_cfg = task_lib.model_config(config)
   mesh = make_mesh(config)
   rules = rules_of(config)
-  model = task_lib.build_model(config)
-  task_lib.load_pretrained(model, config)
-  graphdef, params, rngs, frozen = state_lib.split_model(
-      model, task_lib.trainable_filter(model_cfg))
-  params = sharding_lib.shard_state(params, mesh, rules)
-  frozen = sharding_lib.shard_state(frozen, mesh, rules)
-  rngs = sharding_lib.shard_state(rngs, mesh, rules)
+  trainable = task_lib.trainable_filter(model_cfg)
+
+  # Random init as one jitted program with the target shardings (no host copy, no
+  # per-op dispatch); pretrained parts are then loaded over it.
+  abstract = nnx.eval_shape(lambda: task_lib.build_model(config))
+  graphdef, *abstract_parts = state_lib.split_model(abstract, trainable)
+  shardings = [step_lib.tree_shardings(a, mesh, rules) for a in abstract_parts]
+
+  @functools.partial(jax.jit, out_shardings=tuple(shardings))
+  def init():
+    return tuple(state_lib.split_model(task_lib.build_model(config), trainable)[1:])
+
+  params, rngs, frozen = init()
+  if _has_pretrained(config):
+    model = state_lib.merge_model(graphdef, params, rngs, frozen)
+    task_lib.load_pretrained(model, config)
+    graphdef, params, rngs, frozen = state_lib.split_model(model, trainable)
+    params = sharding_lib.shard_state(params, mesh, rules)
+    frozen = sharding_lib.shard_state(frozen, mesh, rules)
   return Built(model_cfg, graphdef, params, rngs, frozen, mesh, rules, paths)
+
+
+def _has_pretrained(config) -> bool:
+  init = config.get("init") or {}
+  return any(v for k, v in init.items() if k != "allow_pickle")
 
 
 def _global_batch(batch, mesh):
