@@ -27,7 +27,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_transformers(tmp_path, case):
   ref = make_hf(tmp_path, **CASES[case])
-  model = hf.load_llama(tmp_path, dtype=jnp.float32)
+  # attention_chunk=5 also exercises the blockwise causal path with a ragged last block.
+  model = hf.load_llama(tmp_path, dtype=jnp.float32, attention_chunk=5)
   ids = np.random.RandomState(1).randint(0, 96, (2, 12))
   out = model(jnp.asarray(ids, jnp.int32))
   assert out.shape == (2, 12, 96) and out.dtype == jnp.float32
@@ -38,7 +39,7 @@ def test_logits_match_transformers(tmp_path, case):
 
 def test_padded_batch_with_mask(tmp_path):
   ref = make_hf(tmp_path, num_key_value_heads=2)
-  model = hf.load_llama(tmp_path)
+  model = hf.load_llama(tmp_path, attention_chunk=0)
   ids, mask = left_padded_batch(np.random.RandomState(2), [10, 6, 3], 10, 96)
   out = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
   # HF's forward numbers left-padded rows from the first slot; generate() uses
@@ -52,6 +53,9 @@ def test_padded_batch_with_mask(tmp_path):
   rout = np.asarray(model(jnp.asarray(rids), attention_mask=jnp.asarray(rmask)))
   np.testing.assert_allclose(rout[rmask.astype(bool)],
                              hf_logits(ref, rids, rmask)[rmask.astype(bool)], atol=TOL, rtol=0)
+  chunked = hf.load_llama(tmp_path, attention_chunk=4)
+  np.testing.assert_allclose(np.asarray(chunked(jnp.asarray(ids), attention_mask=jnp.asarray(
+    mask)))[valid], out[valid], atol=1e-5, rtol=0)
   # Each padded row equals the same prompt run alone, unpadded.
   alone = np.asarray(model(jnp.asarray(ids[2:, -3:])))
   np.testing.assert_allclose(out[2, -3:], alone[0], atol=1e-5, rtol=0)

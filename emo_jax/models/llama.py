@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emo_jax.models.layers import (RMSNorm, apply_rotary, dot_product_attention,
-                                   make_attention_mask, rope_cos_sin, rope_inv_freq)
+from emo_jax.models.layers import (RMSNorm, apply_rotary, chunked_causal_attention,
+                                   dot_product_attention, make_attention_mask, rope_cos_sin,
+                                   rope_inv_freq)
 from emo_jax.models.layers.rotary import rope_type
 from emo_jax.sharding import constrain
 
@@ -62,6 +63,9 @@ class LlamaConfig:
   param_dtype: Any = jnp.float32
   scan_layers: bool = False
   remat_policy: str = "none"
+  # Without a cache, attend per block of this many queries to the keys up to the block's end
+  # (skips the masked upper triangle; 0 = one block). Exact, a speed choice only.
+  attention_chunk: int = 128
 
   def __post_init__(self):
     if self.num_key_value_heads is None:
@@ -178,6 +182,7 @@ class LlamaAttention(nnx.Module):
     self.num_heads = cfg.num_attention_heads
     self.num_kv_heads = cfg.num_key_value_heads
     self.head_dim = cfg.head_dim
+    self.attention_chunk = cfg.attention_chunk
     d, hq, hkv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, (
       cfg.num_key_value_heads * cfg.head_dim)
     self.q_proj = _linear(cfg, d, hq, ("embed", "heads"), cfg.attention_bias, rngs)
@@ -202,7 +207,9 @@ class LlamaAttention(nnx.Module):
       cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
       new_kv = (ck, cv)
       k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-    out = dot_product_attention(q, k, v, mask)
+      out = dot_product_attention(q, k, v, mask)
+    else:
+      out = chunked_causal_attention(q, k, v, mask, chunk=self.attention_chunk)
     out = constrain(out.reshape(b, t, self.num_heads * self.head_dim), ("batch", "length", "heads"))
     return self.o_proj(out), new_kv
 
