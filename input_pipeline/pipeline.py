@@ -304,13 +304,14 @@ class ExampleBuilder:
 
 def face_crop_items(source: Sequence[Record] | Any, config: PipelineConfig, *,
                     skips: SkipCounter | None = None) -> Iterator[tuple[str, np.ndarray]]:
-  """(record id, uint8 face crops [F, face_size, face_size, 3]) per element of `source`, for
-  `precompute_priors.precompute_priors`.
+  """(record id, face-network input float32 [F, face_size, face_size, 3]) per element of
+  `source`, for `precompute_priors.precompute_priors`.
 
-  Decoded exactly as ExampleBuilder does (same frame sampling and frame count, same face
-  mode, same resize), so the stored priors belong to the frames the batches carry, and
-  `PriorRunner` normalises them as `media.preprocess_face` does. Pre-extracted elements use
-  their stored `face_crops`. Bad inputs are counted in `skips` (strict: raised).
+  Decoded and preprocessed exactly as ExampleBuilder makes `face_crops` (same frame sampling
+  and frame count, same face mode, `media.preprocess_face`), so the prior network sees the
+  very inputs it would see online and the stored priors belong to the frames the batches
+  carry. Pre-extracted elements use their stored `face_crops`. Bad inputs are counted in
+  `skips` (strict: raised).
   """
   skips = skips if skips is not None else SkipCounter()
   builder = ExampleBuilder(dataclasses.replace(config, priors_dir=None, agr_prompt=False),
@@ -327,7 +328,7 @@ def face_crop_items(source: Sequence[Record] | Any, config: PipelineConfig, *,
         crops = builder._face_crops(builder._frames(record), record)  # pylint: disable=protected-access
       if crops.ndim != 4 or crops.shape[0] == 0:
         raise BadInputError("no_frames", _where(element), f"crops of shape {crops.shape}")
-      yield record.id, np.stack([media_lib.resize(c, config.face_size) for c in crops])
+      yield record.id, media_lib.preprocess_face(crops, config.face_size)
     except BadInputError as e:
       skips.skip(e.reason, e.path or _where(element), e.detail)
 

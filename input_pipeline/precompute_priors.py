@@ -5,8 +5,12 @@ so its outputs can be computed once in preprocessing instead of every epoch:
 
     python -m input_pipeline.precompute_priors --shards='/data/raf_train/*.array_record' \\
         --checkpoint=/ckpt/facexformer.safetensors --out_dir=/data/raf_train_priors
+    python -m input_pipeline.precompute_priors --dataset=dfew --root=/data/DFEW --fold=1 \\
+        --num_frames=8 --checkpoint=/ckpt/facexformer.safetensors --out_dir=/data/dfew_priors
 
-reads the pre-extracted `face_crops` (uint8 [F, S, S, 3], see input_pipeline.preprocess),
+reads the pre-extracted `face_crops` (uint8 [F, S, S, 3], see input_pipeline.preprocess) or,
+with `--dataset`, decodes the records exactly as the training pipeline does
+(`pipeline.face_crop_items`: same frame sampling, so the priors belong to the batch's frames),
 normalises them (ImageNet mean/std), runs the network in fixed-size batches (one jit compile;
 the last batch is zero-padded, which changes nothing since the network is per-sample) and
 writes ArrayRecord shards of one `.npz` blob per sample (no pickle) plus `index.json`
@@ -66,9 +70,9 @@ class PriorRunner:
     crops = np.asarray(crops)
     if crops.ndim != 4 or crops.shape[-1] != 3:
       raise ValueError(f"face crops must be [N, S, S, 3], got {crops.shape}")
-    if crops.dtype == np.uint8:  # the pipeline's own normalisation (media.preprocess_face)
-      from input_pipeline import media
-      crops = media.normalize(crops, media.IMAGENET_MEAN, media.IMAGENET_STD)
+    if crops.dtype == np.uint8:
+      from emo_jax.models.facexformer import normalize_crops
+      crops = np.asarray(normalize_crops(crops))
     crops = crops.astype(np.float32)
     n, b = crops.shape[0], self.batch_size
     pad = (-n) % b
@@ -230,9 +234,35 @@ def _preextracted_items(paths: Sequence[str]) -> Iterator[tuple[str, np.ndarray]
     yield ex["record"].id, ex["face_crops"]
 
 
+def _record_items(args) -> Iterator[tuple[str, np.ndarray]]:
+  """Crops of a dataset's records, decoded as the training pipeline decodes them."""
+  from input_pipeline import datasets, pipeline
+  from input_pipeline.records import SkipCounter
+  skips = SkipCounter(strict=args.strict)
+  records = datasets.load_records(args.dataset, args.root, split=args.split, fold=args.fold,
+                                  strict=args.strict, skips=skips,
+                                  **json.loads(args.reader_options))
+  cfg = pipeline.PipelineConfig(num_frames=args.num_frames, face_size=args.face_size,
+                                face_mode=args.face_mode, face_margin=args.face_margin)
+  yield from pipeline.face_crop_items(records, cfg, skips=skips)
+  print(skips.report(), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--shards", required=True, help="glob of preprocess ArrayRecord shards")
+  parser.add_argument("--shards", default="", help="glob of preprocess ArrayRecord shards")
+  parser.add_argument("--dataset", default="", help="or: a dataset name (raw records, decoded "
+                      "as the training pipeline does with the options below)")
+  parser.add_argument("--root", default="")
+  parser.add_argument("--split", default="train")
+  parser.add_argument("--fold", type=int, default=None)
+  parser.add_argument("--reader_options", default="{}", help="JSON of load_records options")
+  parser.add_argument("--num_frames", type=int, default=8, help="= data.pipeline.num_frames")
+  parser.add_argument("--face_size", type=int, default=224)
+  parser.add_argument("--face_mode", default="aligned",
+                      choices=("aligned", "detect", "detect_or_full"))
+  parser.add_argument("--face_margin", type=float, default=0.2)
+  parser.add_argument("--strict", action="store_true", help="fail on the first bad input")
   parser.add_argument("--checkpoint", required=True, help="FaceXFormer .safetensors (or .pt)")
   parser.add_argument("--allow_pickle", action="store_true")
   parser.add_argument("--config", default="{}", help="JSON overrides of FaceXFormerConfig")
@@ -242,13 +272,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   from emo_jax.convert import facexformer as convert
   from emo_jax.models import facexformer as fx
-  paths = sorted(glob.glob(args.shards))
-  if not paths:
-    print(f"no shards match {args.shards}", file=sys.stderr)
+  if bool(args.shards) == bool(args.dataset):
+    print("give exactly one of --shards or --dataset", file=sys.stderr)
     return 1
+  if args.shards:
+    paths = sorted(glob.glob(args.shards))
+    if not paths:
+      print(f"no shards match {args.shards}", file=sys.stderr)
+      return 1
+    items = _preextracted_items(paths)
+  else:
+    items = _record_items(args)
   model = convert.load_facexformer(args.checkpoint, fx.FaceXFormerConfig(**json.loads(args.config)),
                                    allow_pickle=args.allow_pickle)
-  meta = precompute_priors(PriorRunner(model, args.batch_size), _preextracted_items(paths),
+  meta = precompute_priors(PriorRunner(model, args.batch_size), items,
                            args.out_dir, num_shards=args.num_shards)
   print(f"wrote priors of {len(meta['ids'])} samples to {args.out_dir}")
   return 0

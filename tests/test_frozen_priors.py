@@ -154,3 +154,25 @@ def test_missing_and_mismatched_priors_are_counted(setup, tmp_path):
 def test_agr_prompt_needs_priors_dir(setup):
   with pytest.raises(ValueError, match="priors_dir"):
     dataclasses.replace(setup["cfg"], agr_prompt=True)
+
+
+def test_cli_from_records_matches_the_api(setup, tmp_path, monkeypatch):
+  """`python -m input_pipeline.precompute_priors --dataset=...` (the prior network loader
+  replaced by the model's tiny prior) stores what face_crop_items + precompute_priors store."""
+  from emo_jax.convert import facexformer as convert
+  s = setup
+  monkeypatch.setattr(convert, "load_facexformer", lambda *a, **k: s["model"].face_prior)
+  root = str(s["d"] / "data")
+  out = str(tmp_path / "cli")
+  rc = pp.main([f"--dataset=synthetic", f"--root={root}", "--split=train",
+                '--reader_options={"kind": "all"}', f"--num_frames={NUM_FRAMES}",
+                f"--face_size={s['cfg'].face_size}", "--checkpoint=unused", f"--out_dir={out}",
+                "--batch_size=4"])
+  assert rc == 0
+  cli, api = pp.PriorStore(out), pp.PriorStore(s["priors_dir"])
+  train_ids = {r.id for r in s["records"] if r.split == "train"}
+  assert set(cli.ids()) == train_ids and len(train_ids) < len(api)
+  for rid in train_ids:
+    for key in ("face_global", "face_local", "age_logits"):
+      np.testing.assert_allclose(cli[rid][key], api[rid][key], atol=1e-6, err_msg=f"{rid} {key}")
+  assert pp.main(["--checkpoint=x", f"--out_dir={out}"]) == 1  # neither --shards nor --dataset
