@@ -65,7 +65,7 @@ def test_inputs_embeds_scan_remat_and_cache_agree(tmp_path):
   ref = make_hf(tmp_path, num_key_value_heads=2)
   ids = np.random.RandomState(3).randint(0, 96, (2, 9))
   want = hf_logits(ref, ids)
-  model = hf.load_llama(tmp_path)
+  model = hf.load_llama(tmp_path, remat_policy="dots")
   emb = model.model.embed_tokens(jnp.asarray(ids))
   np.testing.assert_allclose(np.asarray(model(inputs_embeds=emb)), want, atol=TOL, rtol=0)
   scanned = hf.load_llama(tmp_path, scan_layers=True, remat_policy="full")
@@ -132,3 +132,14 @@ def test_bad_inputs_raise():
     model(jnp.zeros((2, 3), jnp.int32), attention_mask=jnp.ones((2, 4), jnp.int32))
   with pytest.raises(ValueError, match="multiple"):
     LlamaConfig(num_attention_heads=4, num_key_value_heads=3)
+
+
+def test_bf16_compute_with_fp32_params(tmp_path):
+  ref = make_hf(tmp_path, num_key_value_heads=2)
+  ids = np.random.RandomState(4).randint(0, 96, (2, 8))
+  model = hf.load_llama(tmp_path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  assert model.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.float32
+  logits, hidden = model(jnp.asarray(ids), return_hidden=True)
+  assert hidden.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+  err = np.abs(np.asarray(logits) - hf_logits(ref, ids)).max()
+  assert 0 < err < 5e-2

@@ -190,9 +190,10 @@ class LlamaAttention(nnx.Module):
     self.v_proj = _linear(cfg, d, hkv, ("embed", "kv_heads"), cfg.attention_bias, rngs)
     self.o_proj = _linear(cfg, hq, d, ("heads", "embed"), cfg.attention_bias, rngs)
 
-  def __call__(self, x, cos, sin, mask, kv=None, index=None):
+  def __call__(self, x, cos, sin, mask, kv=None, index=None, layer_idx=None):
     """x [B, T, D]; mask bool [B, T, S]; kv: optional (k, v) cache [B, S, K, d] written at
-    `index`. Returns (out [B, T, D], new (k, v) or None)."""
+    slot `index` (or the whole stack [L, B, S, K, d] with this layer's `layer_idx`, updated in
+    place). Returns (out [B, T, D], new (k, v) or None)."""
     b, t, _ = x.shape
     q = constrain(self.q_proj(x), ("batch", "length", "heads"))
     k = constrain(self.k_proj(x), ("batch", "length", "kv_heads"))
@@ -203,10 +204,16 @@ class LlamaAttention(nnx.Module):
     new_kv = None
     if kv is not None:
       ck, cv = kv
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+      if layer_idx is None:
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+      else:
+        at = (layer_idx, 0, index, 0, 0)
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+        k, v = ck[layer_idx].astype(q.dtype), cv[layer_idx].astype(q.dtype)
       new_kv = (ck, cv)
-      k, v = ck.astype(q.dtype), cv.astype(q.dtype)
       out = dot_product_attention(q, k, v, mask)
     else:
       out = chunked_causal_attention(q, k, v, mask, chunk=self.attention_chunk)
@@ -237,8 +244,8 @@ class LlamaDecoderLayer(nnx.Module):
                                             dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     self.mlp = LlamaMLP(cfg, rngs=rngs)
 
-  def __call__(self, h, cos, sin, mask, kv=None, index=None):
-    attn, new_kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv, index)
+  def __call__(self, h, cos, sin, mask, kv=None, index=None, layer_idx=None):
+    attn, new_kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv, index, layer_idx)
     h = constrain(h + attn, ("batch", "length", "embed"))
     h = h + self.mlp(self.post_attention_layernorm(h))
     return constrain(h, ("batch", "length", "embed")), new_kv
@@ -350,18 +357,14 @@ class LlamaModel(nnx.Module):
       h, new_kv = jax.lax.scan(body, h, (params, kv))
       return h, new_kv
 
-    def call(layer, h, layer_kv):
-      return layer(h, cos, sin, mask, layer_kv, index)
+    def call(layer, h, kv, i):
+      return layer(h, cos, sin, mask, kv, index, i)
     if policy is not None:
-      call = nnx.remat(call, policy=policy, prevent_cse=True)
-    ks, vs = [], []
+      call = nnx.remat(call, policy=policy, prevent_cse=True, static_argnums=(3,))
     for i, layer in enumerate(self.layers):
-      layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-      h, new_kv = call(layer, h, layer_kv)
-      if new_kv is not None:
-        ks.append(new_kv[0])
-        vs.append(new_kv[1])
-    return h, (None if kv is None else (jnp.stack(ks), jnp.stack(vs)))
+      # The stacked cache goes through every layer and is updated in place (no re-stacking).
+      h, kv = call(layer, h, kv, None if kv is None else i)
+    return h, kv
 
 
 class LlamaForCausalLM(nnx.Module):
