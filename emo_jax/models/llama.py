@@ -341,20 +341,23 @@ class LlamaModel(nnx.Module):
     cfg = self.config
     policy = None if cfg.remat_policy == "none" else _remat_policy(cfg.remat_policy)
     if cfg.scan_layers:
+      # Parameters are stacked along the scanned axis; other state (the RNG streams of LoRA
+      # dropout, shared by all layers) is threaded through the loop as carry, so each layer
+      # draws fresh dropout masks and the stream advances as in the unscanned model.
       graphdef, params, rest = nnx.split(self.layers, nnx.Param, ...)
-      if jax.tree.leaves(rest):
-        raise NotImplementedError("scan_layers does not support layer state other than "
-                                  "parameters (e.g. LoRA dropout); use scan_layers=False")
 
       def body(carry, xs):
+        h, rest = carry
         layer_params, layer_kv = xs
         layer = nnx.merge(graphdef, layer_params, rest)
-        out, new_kv = layer(carry, cos, sin, mask, layer_kv, index)
-        return out, new_kv
+        out, new_kv = layer(h, cos, sin, mask, layer_kv, index)
+        return (out, nnx.split(layer, nnx.Param, ...)[2]), new_kv
 
       if policy is not None:
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-      h, new_kv = jax.lax.scan(body, h, (params, kv))
+      (h, rest), new_kv = jax.lax.scan(body, (h, rest), (params, kv))
+      if jax.tree.leaves(rest):
+        nnx.update(self.layers, rest)
       return h, new_kv
 
     def call(layer, h, kv, i):

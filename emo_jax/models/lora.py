@@ -131,9 +131,6 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float,
           if isinstance(m, nnx.Linear) and path and match(_path_str(path))]
   if not hits:
     raise ValueError(f"no nnx.Linear module path matches LoRA targets {targets!r}")
-  if dropout > 0 and any(m.kernel[...].ndim > 2 for _, m in hits):
-    raise NotImplementedError("LoRA dropout on scanned (stacked) layers is not supported; "
-                              "use scan_layers=False or dropout=0")
   for path, m in hits:
     _set_child(model, path, LoRALinear(m, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs))
   return [_path_str(p) for p, _ in hits]
