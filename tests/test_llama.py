@@ -105,6 +105,8 @@ def test_config_reads_legacy_and_v5_rope_keys():
                                                            "rope_theta": 1234.0}))
   assert default.rope_theta == 1234.0 and default.rope_scaling is None
   assert LlamaConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+  with pytest.raises(ValueError, match="not a LLaMA config"):
+    LlamaConfig.from_hf_dict({"model_type": "bert", "hidden_size": 8})
   with pytest.raises(ValueError, match="unsupported rope"):
     LlamaConfig.from_hf_dict(dict(legacy, rope_scaling={"type": "yarn2", "factor": 2.0}))
 

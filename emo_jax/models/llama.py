@@ -93,11 +93,14 @@ class LlamaConfig:
     """Read an HF config.json dict: transformers-5 `rope_parameters` or legacy top-level
     `rope_theta` / `rope_scaling` (with `type` or `rope_type`)."""
     d = dict(d)
-    if d.get("model_type") not in (None, "llama", "llava", "llava_llama", "llama_vid"):
-      # LLaMA-VID / LLaVA checkpoints store a llama body under other model types; accept them,
-      # but refuse clearly different architectures.
-      if "num_attention_heads" not in d or "hidden_size" not in d:
-        raise ValueError(f"not a LLaMA config (model_type={d.get('model_type')!r})")
+    # LLaMA-VID / LLaVA checkpoints keep a llama body under other model types: accept any
+    # config that has the llama fields, refuse the rest clearly.
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads")
+    missing = [k for k in required if k not in d]
+    if missing:
+      raise ValueError(f"not a LLaMA config (model_type={d.get('model_type')!r}): "
+                       f"missing {missing}")
     theta = d.get("rope_theta")
     scaling = d.get("rope_scaling")
     params = d.get("rope_parameters")
@@ -113,7 +116,7 @@ class LlamaConfig:
       scaling.pop("rope_theta", None)
       scaling = None if kind == "default" else {"rope_type": kind, **scaling}
     field_names = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in d.items() if k in field_names and k not in ("dtype", "param_dtype")}
+    kw = {k: v for k, v in d.items() if k in field_names and k not in _EMO_ONLY_FIELDS}
     kw["rope_theta"] = float(theta if theta is not None else 10000.0)
     kw["rope_scaling"] = scaling
     kw.update(overrides)
@@ -154,6 +157,9 @@ class LlamaConfig:
       "torch_dtype": jnp.dtype(self.param_dtype).name,
       "use_cache": True,
     }
+
+
+_EMO_ONLY_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_chunk")
 
 
 class _FrozenDict(dict):
