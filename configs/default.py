@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.weight_decay = 0.0
   o.b1, o.b2, o.eps = 0.9, 0.98, 1e-8
   o.grad_clip = 1.0
-  o.groups = [("vision", r"^vision_tower/", 1e-3)]   # (name, regex, peak lr)
+  o.groups = (("vision", r"^vision_tower/", 1e-3),)   # (name, regex, peak lr)
 
   t = c.train = ml_collections.ConfigDict()
   t.num_steps = 450

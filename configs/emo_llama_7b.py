@@ -88,7 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.weight_decay = 0.0
   o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
   o.grad_clip = 1.0
-  o.groups = [("lora", r"^language_model/.*lora_[ab]$", 2e-4)]
+  o.groups = (("lora", r"^language_model/.*lora_[ab]$", 2e-4),)
 
   t = c.train = ml_collections.ConfigDict()
   t.num_steps = 0

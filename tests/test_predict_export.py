@@ -103,7 +103,16 @@ def test_export_hf_peft_bundle(trained, tmp_path):
            "face_crops": rng.normal(size=(2, 1, 32, 32, 3)).astype(np.float32),
            "qformer_ids": _ids(50, 2, 6), "qformer_mask": np.ones((2, 6), np.int32),
            "input_ids": ids, "attention_mask": np.ones((2, T), np.int32)}
-  np.testing.assert_array_equal(np.asarray(re(batch)), np.asarray(model(batch)))
+  # Every variable comes back bitwise; logits agree to fp32 rounding (the trained model's
+  # arrays are FSDP-sharded over the 8 test devices, the reloaded ones are not).
+  ours_state = dict(nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.RngState))))
+  re_state = dict(nnx.to_flat_state(nnx.state(re, nnx.Not(nnx.RngState))))
+  assert ours_state.keys() == re_state.keys()
+  for k in ours_state:
+    np.testing.assert_array_equal(np.asarray(re_state[k].get_value()),
+                                  np.asarray(ours_state[k].get_value()), err_msg=str(k))
+  np.testing.assert_allclose(np.asarray(re(batch)), np.asarray(model(batch)), atol=1e-5,
+                             rtol=1e-5)
   assert os.path.exists(os.path.join(out["tokenizer"], "tokenizer.model"))
 
 
