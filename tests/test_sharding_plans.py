@@ -1,8 +1,9 @@
-"""Sharding plans of the 7B model from abstract state (nothing allocated).
+"""Sharding plans of configs/emo_llama_7b.py from abstract state (nothing allocated).
 
-Every parameter gets a NamedSharding, every >=1-D parameter carries logical axis names,
-FSDP leaves no large parameter replicated, and the PartitionSpecs are pinned by a golden
-file. After an intended change of the model or the rules, regenerate the golden with
+Every parameter gets a NamedSharding, every parameter over 64 Ki elements carries logical
+axis names, FSDP (and FSDP + TP) leave no large parameter replicated (known gaps pinned by
+a strict xfail), DP replicates everything, and the FSDP PartitionSpecs of all parameters
+are pinned by a golden file. After an intended change of the model or the rules, regenerate the golden with
 
     UPDATE_GOLDEN=1 python -m pytest -q tests/test_sharding_plans.py
 
@@ -12,22 +13,25 @@ and commit tests/golden/sharding_7b_fsdp.json with the change (review its diff).
 import json
 import os
 import pathlib
+import re
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from emo_jax import memory_plan as mp
 from emo_jax import sharding as sharding_lib
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "sharding_7b_fsdp.json"
-# FSDP must shard anything bigger than this many elements. 4 Mi: the smallest 7B base
-# matrix is 4096 x 4096 = 16 Mi; norm scales stacked over 32 layers are 131 Ki. Known and
-# allowed for now: the LoRA factors on the FFN's 11008-wide side ([32, 11008, 8] = 2.8 Mi,
-# 5.6 MB in bf16) stay replicated because RULES_FSDP maps neither 'mlp' nor 'lora_rank';
-# `test_known_replicated_lora_factors` pins exactly that set.
-REPLICATION_LIMIT = 4 << 20
+CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "emo_llama_7b.py"
+# FSDP must shard anything bigger than this many elements (1 Mi: 4 MiB in fp32). Norm
+# scales and biases, even stacked over 32 layers (131 Ki), may stay replicated.
+REPLICATION_LIMIT = 1 << 20
+# Known gaps (reported to their owners), pinned by the strict xfail below so the fix is
+# noticed: RULES_FSDP maps neither 'mlp' / 'heads' / 'kv_heads' nor 'lora_rank', so the LoRA
+# factors on the projections' non-'embed' side stay replicated (r=128: 772 MiB fp32 per
+# device, x3 with the Adam moments); the Swin patch-merging kernels carry no logical names.
+KNOWN_REPLICATED = re.compile(r"(lora_[ab]$)|(^face_prior/backbone/.*/reduction/kernel$)")
 
 
 def _is_var(x):
@@ -36,11 +40,15 @@ def _is_var(x):
 
 @pytest.fixture(scope="module")
 def abstract_7b():
-  """(model name, abstract nnx.State of every variable) of the 7B plan."""
-  program = mp.llama_lora_program(mp.llama2_7b_config(), seq_len=2048, lora_rank=8)
-  state = nnx.State.merge(program.params, program.frozen) if hasattr(nnx.State, "merge") \
-      else nnx.merge_state(program.params, program.frozen)
-  return program.name, state
+  """(config name, abstract nnx.State of every variable) of configs/emo_llama_7b.py."""
+  import importlib.util
+  from emo_jax.train import task as task_lib
+  spec = importlib.util.spec_from_file_location("emo_llama_7b_cfg", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  model = nnx.eval_shape(lambda: task_lib.build_model(config))
+  return "emo_llama_7b", nnx.state(model)
 
 
 def _flat(state):
@@ -76,13 +84,21 @@ def test_every_parameter_annotated_and_sharded(abstract_7b):
   mesh = sharding_lib.make_mesh((1, 8, 1))
   flat = _flat(state)
   n = sum(int(np.prod(v.get_value().shape)) for v in flat.values())
-  assert n > 6.7e9, n   # really the 7B model
+  assert 8.0e9 < n < 8.8e9, n   # really the 7B model (+ ViT-G, Q-Former, FaceXFormer, LoRA)
   specs = _specs(state, mesh, sharding_lib.RULES_FSDP)
   assert set(specs) == set(flat)
   for name, var in flat.items():
-    if var.get_value().ndim >= 1:
-      axes = sharding_lib.variable_logical_axes(var)
-      assert axes is not None and len(axes) == var.get_value().ndim, name
+    val = var.get_value()
+    axes = sharding_lib.variable_logical_axes(var)
+    if axes is not None:
+      assert len(axes) == val.ndim, name
+    else:  # unannotated (biases, task tokens) means replicated: it must be small
+      assert np.prod(val.shape) <= 1 << 16, name
+
+
+def _replicated(specs, flat, limit):
+  return sorted(k for k, v in flat.items() if np.prod(v.get_value().shape) > limit
+                and all(a is None for a in specs[k].spec))
 
 
 @pytest.mark.parametrize("rules_name,mesh_shape", [("fsdp", (1, 8, 1)), ("fsdp_tp", (1, 4, 2))])
@@ -91,29 +107,28 @@ def test_no_large_parameter_replicated(abstract_7b, rules_name, mesh_shape):
   mesh = sharding_lib.make_mesh(mesh_shape)
   specs = _specs(state, mesh, sharding_lib.PRESETS[rules_name])
   flat = _flat(state)
-  big = {k for k, v in flat.items() if np.prod(v.get_value().shape) > REPLICATION_LIMIT}
-  assert len(big) >= 9   # embed, lm_head and the 7 stacked projection kernels
-  replicated = sorted(k for k in big if all(a is None for a in specs[k].spec))
+  big = [k for k, v in flat.items() if np.prod(v.get_value().shape) > REPLICATION_LIMIT]
+  assert len(big) >= 50   # LLM, ViT-G, Q-Former, FaceXFormer weight matrices
+  replicated = [k for k in _replicated(specs, flat, REPLICATION_LIMIT)
+                if not KNOWN_REPLICATED.search(k)]
   assert not replicated, f"replicated under {rules_name}: {replicated}"
-  # Per-device bytes of the weights really drop by ~the fsdp x tensor factor.
+  # Per-device bytes of all weights (but the known gaps) drop to ~ total / devices.
   total = per_device = 0
   for k, v in flat.items():
+    if KNOWN_REPLICATED.search(k):
+      continue
     val = v.get_value()
     total += np.prod(val.shape) * val.dtype.itemsize
     per_device += np.prod(specs[k].shard_shape(val.shape)) * val.dtype.itemsize
-  assert per_device < 1.05 * total / mesh.size + 64 * 2**20
+  assert per_device < 1.15 * total / mesh.size, (per_device / 2**30, total / 2**30)
 
 
-def test_known_replicated_lora_factors(abstract_7b):
+@pytest.mark.xfail(strict=True, reason="RULES_FSDP leaves LoRA factors on the mlp/heads side "
+                   "and the Swin reduction kernels replicated (reported)")
+def test_nothing_large_replicated_under_fsdp(abstract_7b):
   _, state = abstract_7b
   specs = _specs(state, sharding_lib.make_mesh((1, 8, 1)), sharding_lib.RULES_FSDP)
-  flat = _flat(state)
-  replicated = sorted(k for k, v in flat.items() if np.prod(v.get_value().shape) > 1 << 20
-                      and all(a is None for a in specs[k].spec))
-  assert all(k.endswith(("lora_a", "lora_b")) for k in replicated), replicated
-  replicated_bytes = sum(np.prod(flat[k].get_value().shape) * flat[k].get_value().dtype.itemsize
-                         for k in replicated)
-  assert replicated_bytes < 32 * 2**20
+  assert not _replicated(specs, _flat(state), REPLICATION_LIMIT)
 
 
 def test_dp_replicates_everything(abstract_7b):
