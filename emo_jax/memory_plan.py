@@ -366,26 +366,39 @@ class Planner:
   def max_micro_batch(self, budget_bytes: float, limit: int = 4096) -> int:
     """Largest micro-batch whose compiled peak fits `budget_bytes` (0 if none does).
 
-    Secant search on compiled points: a line through the two evaluated points nearest
-    the budget predicts the boundary, the prediction is compiled, and the bracket
-    [largest fitting, smallest not fitting] shrinks until its ends are neighbours.
+    Safeguarded secant search on compiled points: the bracket [largest fitting, smallest
+    not fitting] starts from micro-batches 1 and 2 extrapolated linearly (then doubled
+    until over budget); each step compiles the secant guess between the bracket ends,
+    or the midpoint when the guess would shrink the bracket by less than a quarter.
     """
     if not self.fits(1, budget_bytes):
       return 0
     self.stats(2)
-    while True:
+
+    def bracket():
       fit = [b for b, r in self.results.items() if r["peak_bytes"] <= budget_bytes]
       over = [b for b, r in self.results.items() if r["peak_bytes"] > budget_bytes]
-      lo, hi = max(fit), (min(over) if over else limit + 1)
-      if hi - lo <= 1:
-        return min(lo, limit)
-      near = sorted(self.results, key=lambda b: abs(self.results[b]["peak_bytes"]
-                                                    - budget_bytes))[:2]
-      (b0, b1) = sorted(near)
+      return max(fit), (min(over) if over else None)
+
+    lo, hi = bracket()
+    while hi is None:   # no upper end yet: extrapolate from the two largest points
+      if lo >= limit:
+        return limit
+      b0, b1 = sorted(self.results)[-2:]
       p0, p1 = self.results[b0]["peak_bytes"], self.results[b1]["peak_bytes"]
       slope = max((p1 - p0) / (b1 - b0), 1.0)
-      guess = int(b0 + (budget_bytes - p0) // slope)
+      guess = int(b1 + (budget_bytes - p1) // slope) + 1
+      self.stats(min(max(guess, 2 * lo), limit))
+      lo, hi = bracket()
+    while hi - lo > 1:
+      plo, phi = self.results[lo]["peak_bytes"], self.results[hi]["peak_bytes"]
+      guess = int(lo + (budget_bytes - plo) * (hi - lo) // max(phi - plo, 1.0))
+      quarter = max((hi - lo) // 4, 1)
+      if not lo + quarter <= guess <= hi - quarter:
+        guess = (lo + hi) // 2
       self.stats(min(max(guess, lo + 1), hi - 1))
+      lo, hi = bracket()
+    return lo
 
 
 # ----------------------------------------------------------------------------- report

@@ -216,3 +216,31 @@ def test_sweep_vm_per_point_and_errors(tmp_path, capsys):
     h.product([h.sweep("a", [1]), h.fixed("a", 2)])
   assert h.zipit([h.sweep("a", [1, 2]), h.sweep("b", [3, 4])]) == [{"a": 1, "b": 3},
                                                                    {"a": 2, "b": 4}]
+
+
+def test_sweep_of_the_repository_sweep_config(capsys, monkeypatch):
+  """configs/sweep.py (lr x LoRA rank): one run per point, overrides the real config keys."""
+  monkeypatch.chdir(ROOT)
+  points = sweep.expand("configs/sweep.py")
+  assert len(points) == 6 and all(set(p) == {"optimizer.lr", "model.lora_rank"} for p in points)
+  cmds, _ = _dry_run(capsys, sweep, [
+    "--name=emo-sw", "--zone=z", "--accelerator_type=v4-8", "--config=configs/sweep.py",
+    "--workdir=/tmp/sweeps/lr_rank", "--no_create"])
+  runs, _ = _remote_runs(cmds[0])
+  assert len(runs) == 6
+  assert {(_flag(r, "config.optimizer.lr"), _flag(r, "config.model.lora_rank")) for r in runs} \
+      == {(lr, r) for lr in ("0.001", "0.002", "0.004") for r in ("4", "16")}
+  # Every point's overrides apply to the config the training entry point loads.
+  from ml_collections import config_flags  # noqa: F401
+  import importlib
+  cfg_mod = importlib.import_module("configs.sweep")
+  base = cfg_mod.get_config(None)
+  for p in points:
+    c = base.copy_and_resolve_references()
+    for k, v in p.items():
+      node = c
+      *parents, leaf = k.split(".")
+      for part in parents:
+        node = node[part]
+      assert leaf in node, k
+      node[leaf] = v

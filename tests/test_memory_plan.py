@@ -80,6 +80,7 @@ class FakePlanner(mp.Planner):
   lambda b: 3e9 + 2.9e9 * b,                          # affine
   lambda b: 3e9 + 2.5e9 * b + 4e7 * b * b,            # convex: the linear fit overshoots
   lambda b: 3e9 + 3.1e9 * b - 1e9 * (b % 2),          # ragged (padding effects)
+  lambda b: 17e9 + 1.6e9 * b + 0.05e9 * b * b,        # slope at 1..2 far below later
 ])
 @pytest.mark.parametrize("budget", [4e9, 16 * mp.GiB, 95 * mp.GiB])
 def test_micro_batch_search_matches_brute_force(peak_fn, budget):
@@ -99,16 +100,22 @@ def test_micro_batch_search_matches_brute_force(peak_fn, budget):
 
 
 @pytest.mark.slow
-def test_7b_llama_lora_plan_on_8_devices():
-  """LLaMA-2-7B shapes + LoRA r8, FSDP over 8 fake devices, micro-batch 1, seq 2048."""
-  program = mp.llama_lora_program(mp.llama2_7b_config(), seq_len=2048, lora_rank=8)
-  assert 6.7e9 < program.info["frozen_params"] < 6.8e9
+def test_7b_config_plan_on_8_devices():
+  """configs/emo_llama_7b.py (EVA-ViT-G + Q-Former + FaceXFormer + Vicuna-7B LoRA r128),
+  FSDP over 8 fake devices, micro-batch 1: compiles from abstract shapes, the argument
+  bytes are exactly the sharded inputs, and the FLOPs are in the range the sizes imply."""
+  from configs import emo_llama_7b
+  program = mp.program_from_config(emo_llama_7b.get_config())
+  assert 7.7e9 < program.info["frozen_params"] < 8.0e9
   report = mp.run_plan(program, (1, 8, 1), micro_batch=1, search=False, log=lambda s: None)
   s = report["at_micro_batch"]
   mesh = sharding_lib.make_mesh((1, 8, 1))
   assert s["argument_bytes"] == mp.expected_argument_bytes(program, mesh, 8)
-  # bf16 base weights split 8 ways: ~1.57 GiB of the ~1.65 GiB of arguments per device.
-  assert 1.5 * mp.GiB < s["argument_bytes"] < 2.0 * mp.GiB
-  # Model FLOPs sanity: between 2x and 5x the forward 2*N*tokens (backward + remat).
+  # fp32 storage of ~8.4e9 parameters split 8 ways is ~3.9 GiB before optimizer state.
+  assert 4 * mp.GiB < s["argument_bytes"] < 10 * mp.GiB
+  assert s["peak_bytes"] > s["argument_bytes"]
+  # LLM tokens alone: between 2x and 6x the forward 2 * N_llm * tokens (backward, remat,
+  # the towers on 4 frames per example come on top but are smaller).
   tokens = 8 * 2048
-  assert 2 * (2 * 6.74e9 * tokens) < s["matmul_flops_per_step"] < 5 * (2 * 6.74e9 * tokens)
+  fwd = 2 * 6.74e9 * tokens
+  assert 2 * fwd < s["matmul_flops_per_step"] < 6 * fwd
