@@ -117,8 +117,13 @@ def test_export_hf_peft_bundle(trained, tmp_path):
 
 
 def _synthetic_test_image(cfg):
+  """A synthetic test image in which the OpenCV detector finds the face."""
+  from input_pipeline import media
   d = os.path.join(cfg.data.root, "Image", "aligned")
-  return os.path.join(d, sorted(f for f in os.listdir(d) if f.startswith("test_"))[0])
+  for f in sorted(f for f in os.listdir(d) if f.startswith("test_")):
+    if media.detect_faces(media.load_image(os.path.join(d, f))):
+      return os.path.join(d, f)
+  raise AssertionError("the detector finds no face in any synthetic test image")
 
 
 def test_predict_image_and_long_video(trained, tmp_path, capsys):
@@ -136,6 +141,8 @@ def test_predict_image_and_long_video(trained, tmp_path, capsys):
                            enumerate(("happiness", "sadness", "surprise"))])
   video = str(tmp_path / "long.mp4")
   synthetic.write_mp4(video, frames, fps=8)
+  cfg = cfg.copy_and_resolve_references()
+  cfg.predict.face_mode = "aligned"   # synthetic clips are aligned faces (no detector here)
   res = predict_lib.predict(cfg, wd, video, question="How does this person feel?",
                             model=model)
   assert len(res["timeline"]) == 3
