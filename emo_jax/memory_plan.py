@@ -19,9 +19,12 @@ Our choices and caveats (not facts about TPUs):
   differently and computes bf16 matmuls natively, where XLA:CPU upcasts bf16 dots to fp32
   (extra temporaries); so read them as a conservative plan, to be confirmed on hardware.
 - "Micro-batch" is the per-device batch of one forward/backward pass (global batch =
-  micro_batch x data x fsdp devices, one accumulation step). The largest micro-batch for a
-  budget is searched by compiling: two points give a linear model of memory vs. batch,
-  its prediction is then verified (and corrected) by compiling at the boundary.
+  micro_batch x data x fsdp devices x accumulation steps). The largest micro-batch for a
+  budget is found by compiling (safeguarded secant search on the compiled peaks), never
+  by extrapolation alone: the answer b fits and b + 1 was compiled and does not.
+- FLOPs: XLA's cost_analysis() counts a loop body once, so with scanned layers it
+  undercounts; the report's FLOPs per step count matmuls/convolutions in the step's jaxpr
+  with scan trip counts (remat recomputation included, elementwise work excluded).
 """
 from __future__ import annotations
 
@@ -368,8 +371,9 @@ class Planner:
 
     Safeguarded secant search on compiled points: the bracket [largest fitting, smallest
     not fitting] starts from micro-batches 1 and 2 extrapolated linearly (then doubled
-    until over budget); each step compiles the secant guess between the bracket ends,
-    or the midpoint when the guess would shrink the bracket by less than a quarter.
+    until over budget); each step compiles the secant guess between the bracket ends
+    (lo + 1 when the line puts the answer at lo), or the midpoint when the guess would
+    shrink the bracket by less than a quarter.
     """
     if not self.fits(1, budget_bytes):
       return 0
@@ -394,7 +398,9 @@ class Planner:
       plo, phi = self.results[lo]["peak_bytes"], self.results[hi]["peak_bytes"]
       guess = int(lo + (budget_bytes - plo) * (hi - lo) // max(phi - plo, 1.0))
       quarter = max((hi - lo) // 4, 1)
-      if not lo + quarter <= guess <= hi - quarter:
+      if guess <= lo:   # the line says lo is the answer: compiling lo + 1 can confirm it
+        guess = lo + 1
+      elif not lo + quarter <= guess <= hi - quarter:
         guess = (lo + hi) // 2
       self.stats(min(max(guess, lo + 1), hi - 1))
       lo, hi = bracket()
