@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.eval = [dict(name="synthetic", kind="image", split="test", label="synthetic_images")]
   d.pipeline = dict(global_batch_size=16, num_frames=1, max_length=160, bucket_lengths=(160,),
                     qformer_max_length=24, aspect="pad", face_mode="aligned",
-                    worker_count=0, read_threads=1)
+                    shuffle_options=True, worker_count=0, read_threads=1)
 
   # ---- optimisation
   o = c.optimizer = ml_collections.ConfigDict()
