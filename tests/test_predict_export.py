@@ -153,11 +153,12 @@ def test_predict_image_and_long_video(trained, tmp_path, capsys):
   assert res["question"] == "How does this person feel?"
 
 
-def _cli(cfg, wd, path, capsys):
-  """emo_jax.main's command-line entry in this process: (exit status, stderr)."""
+def _cli(wd, path, capsys):
+  """emo_jax.main's command-line entry in this process: (exit status, stderr). Input
+  errors are found before the model is restored, so no trained workdir is needed."""
   from absl import flags
   argv = ["emo_jax.main", "--config=configs/default.py:test", f"--workdir={wd}",
-          "--mode=predict", f"--input={path}", f"--config.data.root={cfg.data.root}"]
+          "--mode=predict", f"--input={path}"]
   flags.FLAGS.unparse_flags()
   flags.FLAGS(argv)
   try:
@@ -169,8 +170,8 @@ def _cli(cfg, wd, path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_an_image", "unreadable_video", "no_face"])
-def test_predict_bad_inputs_exit_nonzero(trained, tmp_path, capsys, case):
-  cfg, wd, _ = trained
+def test_predict_bad_inputs_exit_nonzero(tmp_path, capsys, case):
+  wd = str(tmp_path / "wd")
   if case == "missing":
     path, want = str(tmp_path / "nope.jpg"), "no such file"
   elif case == "not_an_image":
@@ -185,13 +186,13 @@ def test_predict_bad_inputs_exit_nonzero(trained, tmp_path, capsys, case):
     from PIL import Image
     path, want = str(tmp_path / "wall.png"), "no face found"
     Image.fromarray(np.full((96, 96, 3), 128, np.uint8)).save(path)
-  code, err = _cli(cfg, wd, path, capsys)
+  code, err = _cli(wd, path, capsys)
   assert code != 0 and code is not None
   assert want in err and path in err
 
 
-def test_predict_cli_subprocess_exit_status(trained, tmp_path):
-  cfg, wd, _ = trained
+def test_predict_cli_subprocess_exit_status(tmp_path):
+  wd = str(tmp_path / "wd")
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-m", "emo_jax.main", "--config=configs/default.py:test",
                       f"--workdir={wd}", "--mode=predict", f"--input={tmp_path}/missing.png"],
