@@ -36,7 +36,7 @@ def test_main_job_train_eval_export(tmp_path):
   with open(os.path.join(wd, "eval", "report.json")) as f:
     report = json.load(f)
   assert report["step"] == 6
-  assert "groups" in report["modes"]["likelihood"]["synthetic_images"]   # AGR breakdown
+  assert "groups" in report["modes"]["generate"]["synthetic_images"]   # AGR breakdown
   md = open(os.path.join(wd, "eval", "report.md")).read()
   assert "| synthetic_images |" in md
   exp = out["export"]
