@@ -519,7 +519,8 @@ def _force_devices(n: int) -> None:
 
 def expected_argument_bytes(program: Program, mesh, global_batch: int) -> int:
   """Per-device bytes of the step's inputs, from their shardings' shard shapes (a check on
-  memory_analysis(): every argument is one shard per device)."""
+  memory_analysis(): every argument is one shard per device). An upper bound when the step
+  leaves some inputs unread: jit drops unused arguments."""
   import jax
   import numpy as np
   from emo_jax.train import step as step_lib

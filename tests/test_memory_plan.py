@@ -110,7 +110,10 @@ def test_7b_config_plan_on_8_devices():
   report = mp.run_plan(program, (1, 8, 1), micro_batch=1, search=False, log=lambda s: None)
   s = report["at_micro_batch"]
   mesh = sharding_lib.make_mesh((1, 8, 1))
-  assert s["argument_bytes"] == mp.expected_argument_bytes(program, mesh, 8)
+  # jit drops inputs the step never reads (EVA block 40 beyond feature_layer 39, unused
+  # face-prior heads), so XLA's argument bytes are at most the sharded inputs' bytes.
+  expected = mp.expected_argument_bytes(program, mesh, 8)
+  assert 0.99 * expected <= s["argument_bytes"] <= expected
   # fp32 storage of ~8.4e9 parameters split 8 ways is ~3.9 GiB before optimizer state.
   assert 4 * mp.GiB < s["argument_bytes"] < 10 * mp.GiB
   assert s["peak_bytes"] > s["argument_bytes"]
