@@ -37,10 +37,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
                bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="bfloat16",
-               param_dtype="float32", scan_layers=True, remat_policy="full")
+               # Frozen base weights stored in bf16 (as released); LoRA factors stay fp32.
+               param_dtype="bfloat16", scan_layers=True, remat_policy="full")
   m.vision = dict(kind="eva", hidden_size=1408, intermediate_size=6144, num_hidden_layers=40,
                   num_attention_heads=16, patch_size=14, image_size=224, layer_norm_eps=1e-6,
-                  hidden_act="gelu", feature_layer=39, dtype="bfloat16", param_dtype="float32",
+                  hidden_act="gelu", feature_layer=39, dtype="bfloat16", param_dtype="bfloat16",
                   remat=True)
   m.qformer = dict(vocab_size=30523, hidden_size=768, num_hidden_layers=12,
                    num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,

@@ -37,6 +37,9 @@ RULES_FSDP: tuple[tuple[str, Any], ...] = (
   ("vit_embed", "fsdp"),
   ("qformer_embed", "fsdp"),
   ("face_embed", "fsdp"),
+  # A LoRA factor has one model-width side: A [in, r] shards on 'embed' when `in` is the model
+  # width, B [r, out] otherwise (r=128 factors on the mlp/heads side would stay replicated).
+  ("lora_rank", "fsdp"),
 )
 
 # FSDP plus Megatron tensor parallelism over 'tensor' (heads, FFN hidden, vocab).

@@ -2,7 +2,6 @@
 
     records (list[Record] or a pre-extracted source, same order on every host)
       -> MapDataset.source -> shuffle(seed) -> repeat(num_epochs)   (new order each epoch)
-      -> [process_index::process_count]                             (per-host shard)
       -> random_map(ExampleBuilder)    decode media (input_pipeline.media), face crop,
                                        instruction, template + tokenise; a bad input
                                        becomes a skip marker instead of an exception
@@ -466,15 +465,19 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def shuffled_shard(source: Sequence[Any], config: PipelineConfig, process_index: int,
-                   process_count: int) -> grain.MapDataset:
-  """Source elements in this process's order: shuffled per epoch, repeated, then every
-  process_count-th element from process_index (hosts get disjoint slices)."""
+def shuffled(source: Sequence[Any], config: PipelineConfig) -> grain.MapDataset:
+  """Source elements in the global order: shuffled per epoch, repeated (same on every host)."""
   ds = grain.MapDataset.source(source)
   if config.shuffle:
     ds = ds.shuffle(seed=config.seed)
-  ds = ds.repeat(config.num_epochs)
-  return ds[process_index::process_count]
+  return ds.repeat(config.num_epochs)
+
+
+def shuffled_shard(source: Sequence[Any], config: PipelineConfig, process_index: int,
+                   process_count: int) -> grain.MapDataset:
+  """The global order, then every process_count-th element from process_index (hosts get
+  disjoint slices)."""
+  return shuffled(source, config)[process_index::process_count]
 
 
 def make_dataset(
@@ -507,9 +510,11 @@ def make_dataset(
   local_batch = config.global_batch_size // count
 
   check_prompt_fits(config, tokenizer)
-  ds = shuffled_shard(source, config, index, count)
   builder = ExampleBuilder(config, tokenizer, qformer_tokenizer, strict=skips.strict)
-  ds = ds.random_map(builder, seed=config.seed + 1)
+  # Per-example randomness (option order, ...) is keyed by the global position, before the
+  # host split, so an example is built identically whatever the number of processes.
+  ds = shuffled(source, config).random_map(builder, seed=config.seed + 1)
+  ds = ds[index::count]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                             prefetch_buffer_size=max(1, config.read_threads)))
   if config.worker_count > 0:

@@ -8,10 +8,8 @@ train state as one process with 8 devices. This is the code path a Cloud TPU pod
 `--worker=all`.
 
 Input side (fast): the global batch of a step must hold the same examples, token for
-token, whatever the number of processes. Known bug, pinned by a strict xfail: the
-per-example randomness (shuffled answer options of generated instructions) is seeded by
-the index *inside a process's shard*, so it changes with the process count. The end-to-end
-test therefore turns option shuffling off; drop that and the xfail once it is fixed.
+token, whatever the number of processes, shuffled answer options included (the
+per-example randomness is keyed by the global position, before the host split).
 """
 
 import os
@@ -110,11 +108,7 @@ def _global_first_batch(root, paths, shuffle_options: bool, count: int) -> dict:
   return {k: v[order] for k, v in glob.items()}
 
 
-@pytest.mark.parametrize("shuffle_options", [
-  False,
-  pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="per-example rng is seeded by the index within a host's shard")),
-])
+@pytest.mark.parametrize("shuffle_options", [False, True])
 def test_global_batch_independent_of_process_count(tiny_data, shuffle_options):
   root, paths = tiny_data
   one = _global_first_batch(root, paths, shuffle_options, 1)

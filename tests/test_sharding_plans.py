@@ -1,8 +1,7 @@
 """Sharding plans of configs/emo_llama_7b.py from abstract state (nothing allocated).
 
 Every parameter gets a NamedSharding, every parameter over 64 Ki elements carries logical
-axis names, FSDP (and FSDP + TP) leave no large parameter replicated (known gaps pinned by
-a strict xfail), DP replicates everything, and the FSDP PartitionSpecs of all parameters
+axis names, FSDP (and FSDP + TP) leave no large parameter replicated, DP replicates everything, and the FSDP PartitionSpecs of all parameters
 are pinned by a golden file. After an intended change of the model or the rules, regenerate the golden with
 
     UPDATE_GOLDEN=1 python -m pytest -q tests/test_sharding_plans.py
@@ -13,7 +12,6 @@ and commit tests/golden/sharding_7b_fsdp.json with the change (review its diff).
 import json
 import os
 import pathlib
-import re
 
 import jax
 import numpy as np
@@ -27,11 +25,6 @@ CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "emo_llama_7b.py"
 # FSDP must shard anything bigger than this many elements (1 Mi: 4 MiB in fp32). Norm
 # scales and biases, even stacked over 32 layers (131 Ki), may stay replicated.
 REPLICATION_LIMIT = 1 << 20
-# Known gaps (reported to their owners), pinned by the strict xfail below so the fix is
-# noticed: RULES_FSDP maps neither 'mlp' / 'heads' / 'kv_heads' nor 'lora_rank', so the LoRA
-# factors on the projections' non-'embed' side stay replicated (r=128: 772 MiB fp32 per
-# device, x3 with the Adam moments); the Swin patch-merging kernels carry no logical names.
-KNOWN_REPLICATED = re.compile(r"(lora_[ab]$)|(^face_prior/backbone/.*/reduction/kernel$)")
 
 
 def _is_var(x):
@@ -109,26 +102,15 @@ def test_no_large_parameter_replicated(abstract_7b, rules_name, mesh_shape):
   flat = _flat(state)
   big = [k for k, v in flat.items() if np.prod(v.get_value().shape) > REPLICATION_LIMIT]
   assert len(big) >= 50   # LLM, ViT-G, Q-Former, FaceXFormer weight matrices
-  replicated = [k for k in _replicated(specs, flat, REPLICATION_LIMIT)
-                if not KNOWN_REPLICATED.search(k)]
+  replicated = _replicated(specs, flat, REPLICATION_LIMIT)
   assert not replicated, f"replicated under {rules_name}: {replicated}"
-  # Per-device bytes of all weights (but the known gaps) drop to ~ total / devices.
+  # Per-device bytes of all weights drop to ~ total / devices.
   total = per_device = 0
   for k, v in flat.items():
-    if KNOWN_REPLICATED.search(k):
-      continue
     val = v.get_value()
     total += np.prod(val.shape) * val.dtype.itemsize
     per_device += np.prod(specs[k].shard_shape(val.shape)) * val.dtype.itemsize
   assert per_device < 1.15 * total / mesh.size, (per_device / 2**30, total / 2**30)
-
-
-@pytest.mark.xfail(strict=True, reason="RULES_FSDP leaves LoRA factors on the mlp/heads side "
-                   "and the Swin reduction kernels replicated (reported)")
-def test_nothing_large_replicated_under_fsdp(abstract_7b):
-  _, state = abstract_7b
-  specs = _specs(state, sharding_lib.make_mesh((1, 8, 1)), sharding_lib.RULES_FSDP)
-  assert not _replicated(specs, _flat(state), REPLICATION_LIMIT)
 
 
 def test_dp_replicates_everything(abstract_7b):

@@ -39,7 +39,8 @@ class LoRALinear(nnx.Module):
     self.out_features = base.out_features
     self.use_bias = base.use_bias
     self.dtype = base.dtype
-    self.param_dtype = base.param_dtype
+    # The factors are trained: stored in at least fp32 (master weights) even over a bf16 base.
+    self.param_dtype = jnp.promote_types(base.param_dtype, jnp.float32)
     self.precision = base.precision
     self.preferred_element_type = getattr(base, "preferred_element_type", None)
     self.kernel = base.kernel

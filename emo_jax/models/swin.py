@@ -210,7 +210,8 @@ class PatchMerging(nnx.Module):
   """2x2 neighbours -> LayerNorm(4C) -> Linear(4C, 2C, no bias); odd sizes are zero-padded."""
 
   def __init__(self, dim: int, cfg: SwinConfig, *, rngs: nnx.Rngs):
-    self.reduction = linear(4 * dim, 2 * dim, rngs=rngs, dtype=cfg.dtype, use_bias=False)
+    self.reduction = linear(4 * dim, 2 * dim, rngs=rngs, dtype=cfg.dtype, use_bias=False,
+                         axes=(None, "face_embed"))
     self.norm = LayerNorm(4 * dim, eps=cfg.layer_norm_eps)
 
   def __call__(self, x: jax.Array) -> jax.Array:
