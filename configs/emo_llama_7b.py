@@ -80,7 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             dict(name="ferplus", root="/data/FERPlus", split="test")]
   d.pipeline = dict(global_batch_size=128, num_frames=4, max_length=2048,
                     bucket_lengths=(512, 1024, 2048), qformer_max_length=64, aspect="pad",
-                    face_mode="detect_or_full", worker_count=8, read_threads=4)
+                    face_mode="detect_or_full", worker_count=8, read_threads=4,
+                    # Frozen-prior mode (docs/FROZEN_PRIORS.md): '' = run the prior online.
+                    priors_dir="", agr_prompt=False)
 
   o = c.optimizer = ml_collections.ConfigDict()
   o.lr = 2e-5                    # fully trained modules (Q-Former, projectors, face module)

@@ -107,7 +107,14 @@ def load_pretrained(model: emo_llama.EmoLlama, config) -> None:
                                    allow_pickle=allow_pickle, vision_path=init.get("vision") or None,
                                    seed=config.seed, **{k: getattr(cfg, k) for k in (
                                        "use_face", "face_prior", "compress_type")})
-    nnx.update(model, nnx.state(src, nnx.Param))
+    # Only the groups a LLaMA-VID checkpoint holds: the face modules of `src` are built with
+    # default sizes and stay as initialised in `model` (or come from init.face_prior).
+    from_ckpt = nnx.All(nnx.Param, nnx.Any(*(emo_llama.group_filter(g) for g in (
+        "vision", "qformer", "projectors", "llm"))))
+    nnx.update(model, nnx.state(src, from_ckpt))
+    if init.get("face_prior") and model.face_prior is not None:
+      from emo_jax.convert import facexformer
+      facexformer.load_into(model.face_prior, init.face_prior, allow_pickle=allow_pickle)
     return
   if init.get("llm"):
     from emo_jax.convert import llama_hf
@@ -124,6 +131,9 @@ def load_pretrained(model: emo_llama.EmoLlama, config) -> None:
     from emo_jax.convert import vision_hf
     vision_hf.load_qformer_into(model, init.qformer, allow_pickle=allow_pickle)
   if init.get("face_prior"):
+    if model.face_prior is None:
+      raise ValueError("config.init.face_prior is set but the model has no face prior network "
+                       f"(model.face_prior={cfg.face_prior!r}); clear one of them")
     from emo_jax.convert import facexformer
     facexformer.load_into(model.face_prior, init.face_prior, allow_pickle=allow_pickle)
 
@@ -155,6 +165,7 @@ def pipeline_config(config, model_cfg: emo_llama.EmoLlamaConfig, **overrides
   d = dict(_plain(config.data.pipeline))
   d["tokens_per_frame"] = model_cfg.tokens_per_frame
   d["image_size"] = model_cfg.vision.image_size
+  d.setdefault("agr_template", model_cfg.agr_template)  # the prompt the model's own AGR uses
   if model_cfg.use_face and model_cfg.face_prior == "tiny":
     d["face_size"] = model_cfg.tiny_face_prior.image_size
   d.update(overrides)
