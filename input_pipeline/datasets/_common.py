@@ -111,3 +111,24 @@ def check_fold(fold: int | None, dataset: str, num_folds: int = 5) -> int:
   if not 1 <= fold <= num_folds:
     raise ValueError(f"{dataset}: fold must be in 1..{num_folds}, got {fold}")
   return fold
+
+
+def clip_or_frames(media_dir: str, clip_rel: str, folder_rel: str, media: str,
+                   skips: SkipCounter, check_files: bool = True
+                   ) -> tuple[str | tuple[str, ...], str] | None:
+  """(media, media_type) of one sample stored as a clip file (`media == 'clip'`) or as a
+  folder of frames; None after counting a skip (path escapes the root, missing file or
+  folder, empty folder)."""
+  if media == "clip":
+    clip = inside(media_dir, clip_rel, skips)
+    if clip is None or not exists_or_skip(clip, skips, check_files):
+      return None
+    return clip, "video"
+  folder = inside(media_dir, folder_rel, skips)
+  if folder is None:
+    return None
+  frames = frame_files(folder)
+  if not frames:
+    skips.skip("missing_file" if not os.path.isdir(folder) else "no_frames", folder)
+    return None
+  return frames, "frames"

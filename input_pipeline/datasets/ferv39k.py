@@ -51,20 +51,10 @@ def load(root: str, split: str | None = "train", fold: int | None = None, *,
       label = _common.dataset_label("ferv39k", raw_label, skips, where)
       if label is None:
         continue
-      if media == "clip":
-        clip = _common.inside(media_dir, rel + ".mp4", skips)
-        if clip is None or not _common.exists_or_skip(clip, skips, check_files):
-          continue
-        rec_media, media_type = clip, "video"
-      else:
-        folder = _common.inside(media_dir, rel, skips)
-        if folder is None:
-          continue
-        frames = _common.frame_files(folder)
-        if not frames:
-          skips.skip("missing_file" if not os.path.isdir(folder) else "no_frames", folder)
-          continue
-        rec_media, media_type = frames, "frames"
+      found = _common.clip_or_frames(media_dir, rel + ".mp4", rel, media, skips, check_files)
+      if found is None:
+        continue
+      rec_media, media_type = found
       scene = rel.split("/", 1)[0]
       records.append(Record(dataset="ferv39k", split=sp, id=rel, media=rec_media,
                             media_type=media_type, label=label, extra={"scene": scene}))

@@ -73,20 +73,11 @@ def load(root: str, split: str | None = "train", fold: int | None = None, *,
       if label is None:
         continue
       stem, ext = os.path.splitext(name)
-      if media == "clip":
-        clip = _common.inside(media_dir, name if ext else stem + ".mp4", skips)
-        if clip is None or not _common.exists_or_skip(clip, skips, check_files):
-          continue
-        rec_media, media_type = clip, "video"
-      else:
-        folder = _common.inside(media_dir, stem, skips)
-        if folder is None:
-          continue
-        frames = _common.frame_files(folder)
-        if not frames:
-          skips.skip("missing_file" if not os.path.isdir(folder) else "no_frames", folder)
-          continue
-        rec_media, media_type = frames, "frames"
+      found = _common.clip_or_frames(media_dir, name if ext else stem + ".mp4", stem, media,
+                                     skips, check_files)
+      if found is None:
+        continue
+      rec_media, media_type = found
       records.append(Record(dataset="mafw", split=sp, id=stem, media=rec_media,
                             media_type=media_type, label=label, fold=fold))
   return records
