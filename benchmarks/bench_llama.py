@@ -51,15 +51,7 @@ RANK, ALPHA, TARGETS = 16, 32, ("q_proj", "k_proj", "v_proj", "o_proj")
 DEC_BATCH, PROMPT, NEW = 4, 64, 128
 
 
-def best_time(fn, reps: int, warmup: int = 1) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
+from timing import best_time  # noqa: E402  (benchmarks/timing.py)
 
 
 def measure_matmul(reps: int) -> dict:

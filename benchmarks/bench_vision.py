@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +39,7 @@ from emo_jax.models.qformer import QFormerConfig  # noqa: E402
 from emo_jax.models.vit import VisionConfig  # noqa: E402
 
 
-def best_time(fn, reps: int) -> float:
-  fn()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
+from timing import best_time  # noqa: E402  (benchmarks/timing.py)
 
 
 def vit_flops(n, t, d, m, layers):
