@@ -20,7 +20,7 @@ def test_greedy_matches_hf_generate_on_padded_batch(tmp_path):
     want = ref.generate(torch.as_tensor(ids, dtype=torch.long),
                         attention_mask=torch.as_tensor(mask), max_new_tokens=n, do_sample=False,
                         eos_token_id=2, pad_token_id=0).numpy()[:, ids.shape[1]:]
-  cache_before = generation._generate_jit._cache_size()
+  cache_before = generation._jitted(jax.default_backend())._cache_size()
   got = np.asarray(generate(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
                             max_new_tokens=n, eos_token_id=2, pad_token_id=0))
   assert got.shape == (3, n) and got.dtype == np.int32
@@ -32,10 +32,10 @@ def test_greedy_matches_hf_generate_on_padded_batch(tmp_path):
   got_emb = generate(model, inputs_embeds=emb, attention_mask=jnp.asarray(mask),
                      max_new_tokens=n, eos_token_id=2, pad_token_id=0)
   np.testing.assert_array_equal(np.asarray(got_emb), got)
-  size = generation._generate_jit._cache_size()
+  size = generation._jitted(jax.default_backend())._cache_size()
   generate(model, jnp.asarray(ids[::-1].copy()), attention_mask=jnp.asarray(mask[::-1].copy()),
            max_new_tokens=n, eos_token_id=2, pad_token_id=0)
-  assert generation._generate_jit._cache_size() == size == cache_before + 2
+  assert generation._jitted(jax.default_backend())._cache_size() == size == cache_before + 2
 
 
 def test_eos_stops_row_and_pads(tmp_path):

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emo_jax.models.layers import (RMSNorm, apply_rotary, chunked_causal_attention,
-                                   dot_product_attention, make_attention_mask, rope_cos_sin,
-                                   rope_inv_freq)
+                                   dot_product_attention, linear_cross_entropy,
+                                   make_attention_mask, rope_cos_sin, rope_inv_freq)
 from emo_jax.models.layers.rotary import rope_type
 from emo_jax.sharding import constrain
 
@@ -197,9 +197,9 @@ class LlamaAttention(nnx.Module):
     self.o_proj = _linear(cfg, hq, d, ("heads", "embed"), cfg.attention_bias, rngs)
 
   def __call__(self, x, cos, sin, mask, kv=None, index=None, layer_idx=None):
-    """x [B, T, D]; mask bool [B, T, S]; kv: optional (k, v) cache [B, S, K, d] written at
-    slot `index` (or the whole stack [L, B, S, K, d] with this layer's `layer_idx`, updated in
-    place). Returns (out [B, T, D], new (k, v) or None)."""
+    """x [B, T, D]; mask bool [B, T, S]; kv: optional (k, v) cache [B, K, S, d] (heads-major)
+    written at slot `index` (or the whole stack [L, B, K, S, d] with this layer's `layer_idx`,
+    updated in place). Returns (out [B, T, D], new (k, v) or None)."""
     b, t, _ = x.shape
     q = constrain(self.q_proj(x), ("batch", "length", "heads"))
     k = constrain(self.k_proj(x), ("batch", "length", "kv_heads"))
@@ -210,17 +210,21 @@ class LlamaAttention(nnx.Module):
     new_kv = None
     if kv is not None:
       ck, cv = kv
+      # The new keys/values are transposed to heads-major ([B, K, t, d], small); the cache
+      # itself is then read by both attention contractions in place.
+      k = jnp.swapaxes(k, 1, 2)
+      v = jnp.swapaxes(v, 1, 2)
       if layer_idx is None:
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
         k, v = ck.astype(q.dtype), cv.astype(q.dtype)
       else:
-        at = (layer_idx, 0, index, 0, 0)
+        at = (layer_idx, 0, 0, index, 0)
         ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
         cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
         k, v = ck[layer_idx].astype(q.dtype), cv[layer_idx].astype(q.dtype)
       new_kv = (ck, cv)
-      out = dot_product_attention(q, k, v, mask)
+      out = dot_product_attention(q, k, v, mask, kv_layout="bksd")
     else:
       out = chunked_causal_attention(q, k, v, mask, chunk=self.attention_chunk)
     out = constrain(out.reshape(b, t, self.num_heads * self.head_dim), ("batch", "length", "heads"))
@@ -389,8 +393,12 @@ class LlamaForCausalLM(nnx.Module):
       self.lm_head = None
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
-               position_ids=None, cache: Cache | None = None, return_hidden: bool = False):
+               position_ids=None, cache: Cache | None = None, return_hidden: bool = False,
+               logits_to_keep: int = 0):
     """Returns fp32 logits [B, T, V] (`cache is None`) or `(logits, new_cache)`.
+
+    `logits_to_keep=n > 0` computes the logits of the last n positions only ([B, n, V], HF's
+    argument of the same name): a prefill needs just the last one.
 
     With `return_hidden=True` the final-normed hidden states [B, T, D] are appended to the
     output tuple: `(logits, hidden)` or `(logits, new_cache, hidden)`. Logits at masked
@@ -399,7 +407,7 @@ class LlamaForCausalLM(nnx.Module):
     h, new_cache = self.model(input_ids, inputs_embeds=inputs_embeds,
                               attention_mask=attention_mask, position_ids=position_ids,
                               cache=cache)
-    logits = self.logits(h)
+    logits = self.logits(h[:, -logits_to_keep:] if logits_to_keep else h)
     out = (logits,) if cache is None else (logits, new_cache)
     if return_hidden:
       out = out + (h,)
@@ -415,15 +423,37 @@ class LlamaForCausalLM(nnx.Module):
     logits = logits.astype(jnp.float32)
     return constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
 
+  def cross_entropy(self, h: jax.Array, targets: jax.Array, weights: jax.Array, *,
+                    chunk: int = 32) -> tuple[jax.Array, jax.Array]:
+    """(weighted NLL sum, weighted greedy-correct count) of `targets` [B, T] under the logits
+    of hidden states `h` [B, T, D], without materialising [B, T, V] logits
+    (`layers.linear_cross_entropy`, `chunk` positions at a time). Alignment is the caller's:
+    for next-token prediction pass h[:, :-1] and ids[:, 1:]. An LM head carrying a LoRA
+    adapter takes the unfused path (full logits)."""
+    if self.lm_head is None:
+      kernel, layout = self.model.embed_tokens.embedding[...], "vd"
+    elif type(self.lm_head) is nnx.Linear:
+      kernel, layout = self.lm_head.kernel[...], "dv"
+    else:
+      logits = self.logits(h)
+      lse = jax.nn.logsumexp(logits, axis=-1)
+      picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+      w = weights.astype(jnp.float32)
+      correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * w)
+      return jnp.sum((lse - picked) * w), correct
+    return linear_cross_entropy(h, kernel, targets, weights, chunk=chunk, kernel_layout=layout,
+                                dtype=self.config.dtype or h.dtype)
+
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> Cache:
     return init_cache(self.config, batch, max_len, dtype)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-  """An empty KV cache: k/v [layers, B, max_len, kv_heads, head_dim], the write `index`
-  (scalar), the valid-slot `mask` [B, max_len] and each row's next position id [B]."""
+  """An empty KV cache: k/v [layers, B, kv_heads, max_len, head_dim] (heads-major, so decode
+  attention reads it without a per-step transpose), the write `index` (scalar), the valid-slot
+  `mask` [B, max_len] and each row's next position id [B]."""
   dtype = cfg.dtype if dtype is None else _dtype(dtype)
-  shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+  shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
   return {
     "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
     "index": jnp.zeros((), jnp.int32), "mask": jnp.zeros((batch, max_len), jnp.int32),

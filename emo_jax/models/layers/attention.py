@@ -19,26 +19,31 @@ def make_attention_mask(key_valid: jax.Array, query_slots: jax.Array, num_keys: 
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                          *, scale: float | None = None) -> jax.Array:
-  """q: [B, T, H, d], k/v: [B, S, K, d] with H % K == 0, mask: bool [B, T, S].
+                          *, scale: float | None = None, kv_layout: str = "bskd") -> jax.Array:
+  """q: [B, T, H, d], k/v: [B, S, K, d] (`kv_layout="bskd"`) or [B, K, S, d] (`"bksd"`, the
+  KV cache's heads-major layout, which the score and value contractions read without a
+  transpose) with H % K == 0, mask: bool [B, T, S].
 
   Scores and softmax in fp32 (our choice, as HF). Masked scores get the most negative finite
   fp32 value instead of -inf, so a query that sees no key (a left-padding slot) yields a finite
   uniform average rather than NaN; such outputs are meaningless and must be masked downstream.
   Returns [B, T, H, d] in v's dtype.
   """
+  if kv_layout not in ("bskd", "bksd"):
+    raise ValueError(f"kv_layout must be 'bskd' or 'bksd', got {kv_layout!r}")
   b, t, h, d = q.shape
-  kh = k.shape[2]
+  kh = k.shape[2] if kv_layout == "bskd" else k.shape[1]
   if h % kh:
     raise ValueError(f"num heads {h} is not a multiple of num kv heads {kh}")
   scale = d ** -0.5 if scale is None else scale
   qg = q.reshape(b, t, kh, h // kh, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  kv = "bskd" if kv_layout == "bskd" else "bksd"
+  scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32)
   scores = scores * scale
   big_neg = jnp.finfo(jnp.float32).min
   scores = jnp.where(mask[:, None, None, :, :], scores, big_neg)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
   return out.reshape(b, t, h, d)
 
 
