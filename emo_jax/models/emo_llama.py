@@ -126,6 +126,7 @@ class EmoLlamaConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] | None = None
+  loss_chunk: int = 32  # positions per chunk of the LM-head cross entropy (`loss`)
 
   def __post_init__(self):
     if self.face_prior not in FACE_PRIORS:
@@ -513,16 +514,16 @@ class EmoLlama(nnx.Module):
 
     aux: `num_tokens`, `accuracy` (greedy next-token accuracy on those tokens), `nll_sum`.
     """
-    logits = self(batch)[:, :-1]
+    embeds, mask = self.embed_multimodal(batch)
+    h, _ = self.language_model.model(inputs_embeds=embeds, attention_mask=mask)
     input_ids = jnp.asarray(batch["input_ids"])
     weights = jnp.asarray(batch["loss_mask"])[:, 1:].astype(jnp.float32)
     targets = jnp.where(weights > 0, input_ids[:, 1:], 0)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    # Chunked LM-head cross entropy: the [B, T, V] logits are never materialised.
+    nll_sum, correct = self.language_model.cross_entropy(h[:, :-1], targets, weights,
+                                                         chunk=self.config.loss_chunk)
     count = weights.sum()
     denom = jnp.maximum(count, 1.0)
-    nll_sum = (nll * weights).sum()
-    correct = ((jnp.argmax(logits, axis=-1) == targets) * weights).sum()
     return nll_sum / denom, {"num_tokens": count, "accuracy": correct / denom, "nll_sum": nll_sum}
 
   def generate(self, batch: Mapping[str, Any], *, max_new_tokens: int, eos_token_id,
