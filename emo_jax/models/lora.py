@@ -11,6 +11,7 @@ still apply. Works on stacked (scanned) layers too: A/B get the kernel's leading
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -68,9 +69,8 @@ class LoRALinear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     xd = self.dropout(x) if self.dropout is not None else x
-    xa = jnp.einsum("...i,ir->...r", xd, self.lora_a[...].astype(dtype), precision=self.precision)
-    up = jnp.einsum("...r,ro->...o", xa, self.lora_b[...].astype(dtype), precision=self.precision,
-                    preferred_element_type=pet)
+    up = low_rank_update(xd, self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype),
+                         self.precision, pet)
     return y + (self.scale * up).astype(y.dtype)
 
   def merged_kernel(self) -> jax.Array:
@@ -80,6 +80,45 @@ class LoRALinear(nnx.Module):
                        self.lora_b[...].astype(jnp.float32),
                        precision=jax.lax.Precision.HIGHEST)
     return (k.astype(jnp.float32) + self.scale * delta).astype(k.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, precision=None,
+                    preferred_element_type=None) -> jax.Array:
+  """(x @ a) @ b for x [..., in], a [in, r], b [r, out].
+
+  The backward is written out (our choice) so that every contraction over tokens has the
+  rank-r operand on the transposed side: dB = (x a)^T dy and dA = x^T (dy b^T) are formed as
+  [r, T] x [T, n] products, and only [T, r] / [r, n] arrays get transposed. Left to autodiff,
+  XLA:CPU transposed the [T, out] cotangent instead (a full copy of each LoRA'd projection's
+  gradient per step).
+  """
+  xa = jnp.einsum("...i,ir->...r", x, a, precision=precision)
+  return jnp.einsum("...r,ro->...o", xa, b, precision=precision,
+                    preferred_element_type=preferred_element_type)
+
+
+def _low_rank_fwd(x, a, b, precision, preferred_element_type):
+  xa = jnp.einsum("...i,ir->...r", x, a, precision=precision)
+  up = jnp.einsum("...r,ro->...o", xa, b, precision=precision,
+                  preferred_element_type=preferred_element_type)
+  return up, (x, a, b, xa.reshape(-1, xa.shape[-1]).T)  # the small [r, T] transpose
+
+
+def _low_rank_bwd(precision, preferred_element_type, res, g):
+  del preferred_element_type
+  x, a, b, xa_t = res
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, x.shape[-1])                          # [T, in]
+  g2 = g.reshape(-1, g.shape[-1]).astype(b.dtype)          # [T, out]
+  db = jnp.einsum("rt,to->ro", xa_t, g2, precision=precision)
+  dxa_t = jnp.einsum("ro,to->rt", b, g2, precision=precision)   # [r, T]
+  da = jnp.einsum("rt,ti->ri", dxa_t, x2, precision=precision).T
+  dx = jnp.einsum("tr,ir->ti", dxa_t.T, a, precision=precision)
+  return dx.reshape(lead + (x.shape[-1],)).astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+low_rank_update.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def _path_str(path: Sequence[Any]) -> str:
