@@ -113,8 +113,8 @@ def llama_lora_program(llama_cfg, *, seq_len: int, lora_rank: int = 8, lora_alph
   tx, _ = opt_lib.make_optimizer(dict(optimizer or {"lr": 2e-4}), 1000, params)
 
   def loss_fn(model, batch):
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    return step_lib.token_ce_sum(logits, batch["input_ids"], batch["loss_mask"])
+    return step_lib.causal_lm_ce_sum(model, batch["input_ids"], batch["attention_mask"],
+                                     batch["loss_mask"])
 
   def batch_spec(b: int) -> dict:
     return {k: jax.ShapeDtypeStruct((b, seq_len), jnp.int32)

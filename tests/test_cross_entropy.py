@@ -106,3 +106,21 @@ def test_model_cross_entropy_equals_full_logits(variant):
   gb = nnx.grad(lambda m: full(m)[0])(model)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+def test_causal_lm_ce_sum_equals_full_logits_token_ce_sum():
+  from emo_jax.train import step as step_lib
+  cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+  model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.RandomState(2)
+  ids = rng.randint(0, 64, (2, 15)).astype(np.int32)
+  attn = np.ones_like(ids)
+  attn[1, :4] = 0                       # left padding
+  ids[1, :4] = -100                     # pad ids may be negative
+  loss_mask = (rng.rand(2, 15) > 0.4).astype(np.int32) * attn
+  ids, attn, loss_mask = map(jnp.asarray, (ids, attn, loss_mask))
+  got = step_lib.causal_lm_ce_sum(model, ids, attn, loss_mask, chunk=4)
+  want = step_lib.token_ce_sum(model(jnp.maximum(ids, 0), attention_mask=attn), ids, loss_mask)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  assert float(got[1]) == float(want[1]) > 0

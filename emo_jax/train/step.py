@@ -106,6 +106,19 @@ def token_ce_sum(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
   return jnp.sum(ce * mask), jnp.sum(mask)
 
 
+def causal_lm_ce_sum(model, input_ids: jax.Array, attention_mask: jax.Array,
+                     loss_mask: jax.Array, *, chunk: int = 32) -> tuple[jax.Array, jax.Array]:
+  """`token_ce_sum` of a `LlamaForCausalLM` on `input_ids`, through the chunked LM-head cross
+  entropy (`LlamaForCausalLM.cross_entropy`): the [B, T, V] logits are never materialised.
+  Returns (sum, count)."""
+  ids = jnp.maximum(input_ids, 0)  # negative pad ids (-100) embed as id 0
+  h, _ = model.model(ids, attention_mask=attention_mask)
+  targets = ids[:, 1:]
+  mask = loss_mask[:, 1:].astype(jnp.float32)
+  nll, _ = model.cross_entropy(h[:, :-1], targets, mask, chunk=chunk)
+  return nll, jnp.sum(mask)
+
+
 def batch_sharding(mesh) -> Any:
   """Leading (batch) dim over ('data', 'fsdp'); everything else replicated."""
   from jax.sharding import NamedSharding, PartitionSpec
