@@ -171,7 +171,8 @@ def program_from_config(config, *, total_steps: int = 1000) -> Program:
   def batch_spec(b: int) -> dict:
     sds = jax.ShapeDtypeStruct
     out = {
-      "frames": sds((b, f, pcfg.image_size, pcfg.image_size, 3), jnp.float32),
+      # uint8 pixels, normalised inside the model (docs/INTERFACES.md "The batch").
+      "frames": sds((b, f, pcfg.image_size, pcfg.image_size, 3), jnp.uint8),
       "frame_mask": sds((b, f), jnp.bool_),
       "qformer_ids": sds((b, pcfg.qformer_max_length), jnp.int32),
       "qformer_mask": sds((b, pcfg.qformer_max_length), jnp.int32),
@@ -180,7 +181,7 @@ def program_from_config(config, *, total_steps: int = 1000) -> Program:
       "loss_mask": sds((b, t), jnp.int32),
     }
     if use_crops:
-      out["face_crops"] = sds((b, f, pcfg.face_size, pcfg.face_size, 3), jnp.float32)
+      out["face_crops"] = sds((b, f, pcfg.face_size, pcfg.face_size, 3), jnp.uint8)
     return out
 
   ctype = config.train.get("compute_dtype", "float32")

@@ -6,12 +6,21 @@ failure raises `BadInputError` (reasons: missing_file, corrupt_image, corrupt_vi
 empty_video, no_video_stream, no_frames, no_face) so the pipeline can count it per reason.
 
 Video frames are sampled uniformly: frame i of F is the centre of the i-th of F equal
-segments (our choice, as TSN / most FER video code; LLaMA-VID samples at a fixed fps). We
-decode with seeking: one cheap demux pass (no decoding) lists packet timestamps and
-keyframes; then for each target the decoder seeks to the keyframe before it, unless that
-keyframe is not ahead of where the decoder already is, and decodes forward to the target.
-Only the sampled frames are converted to RGB. If timestamps are missing or a seek lands
-after its target, the clip is decoded sequentially instead.
+segments (our choice, as TSN / most FER video code; LLaMA-VID samples at a fixed fps).
+Short clips (the container reports at most `SEQUENTIAL_MAX_FRAMES` frames) are decoded
+sequentially from the start up to the last sampled frame: cheaper than a demux pass plus
+seeks when the whole clip is a few keyframe intervals or less. Longer ones are decoded with
+seeking: one cheap demux pass (no decoding) lists packet timestamps and keyframes; then for
+each target the decoder seeks to the keyframe before it, unless that keyframe is not ahead of
+where the decoder already is, and decodes forward to the target. If timestamps are missing or
+a seek lands after its target, the clip is decoded sequentially instead. Either way only the
+sampled frames are converted to RGB, through one swscale context per thread (bit-identical
+to `frame.to_ndarray(format='rgb24')`, which sets up a new context for every frame).
+
+Geometry and normalisation are separate steps: `geometry` (pad / crop / resize, uint8 out)
+is what the pipeline ships; `normalize` (mean / std, float32 out) runs in the model on the
+accelerator (emo_jax.models.pixels; equal copies of the statistics below) and, for host-side
+users, in `preprocess` / `preprocess_vit` / `preprocess_face` = normalize(geometry(...)).
 """
 from __future__ import annotations
 
@@ -23,11 +32,14 @@ from typing import Sequence
 import av
 import cv2
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image, ImageOps
 
 from input_pipeline.datasets._common import natural_sorted
 from input_pipeline.records import BadInputError, Record
 
+# Equal copies live in emo_jax.models.pixels (which normalises the batch on the device); the
+# input pipeline does not import emo_jax. tests/test_media.py checks they are the same.
 # CLIP / EVA-CLIP image processor statistics (LLaMA-VID's ViT input).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -128,12 +140,29 @@ class _SeekFailed(Exception):
   """Seeking is not supported by this input; decode sequentially instead."""
 
 
-def _rgb(frame) -> np.ndarray:
-  return frame.to_ndarray(format="rgb24")
+# Clips the container says have at most this many frames are decoded sequentially (no demux
+# pass, no seeks): decoding a few dozen small frames costs less than scanning and seeking,
+# and a clip this short spans only a few keyframe intervals (often a single one).
+SEQUENTIAL_MAX_FRAMES = 64
+
+_local = threading.local()
+
+
+def _rgb(frame, threads: int = 1) -> np.ndarray:
+  """uint8 [H, W, 3] RGB of a decoded frame, bit-identical to
+  `frame.to_ndarray(format='rgb24')` (the same swscale conversion and defaults; the slice
+  thread count does not change the pixels) but through one VideoReformatter per thread and
+  process: to_ndarray gives every new frame a new reformatter, i.e. a new swscale context
+  (and thread pool), which costs several times more than converting a small frame."""
+  r = getattr(_local, "reformatter", None)
+  if r is None or _local.reformatter_pid != os.getpid():  # never reuse one across a fork
+    r = _local.reformatter = VideoReformatter()
+    _local.reformatter_pid = os.getpid()
+  return r.reformat(frame, format="rgb24", threads=threads).to_ndarray()
 
 
 def _decode_seeking(container, stream, pts: list[int], keys: list[int],
-                    idx: np.ndarray) -> list[np.ndarray] | None:
+                    idx: np.ndarray, threads: int = 1) -> list[np.ndarray] | None:
   """Frames at pts[idx] by seek + forward decode; None if a seek misbehaved."""
   targets = sorted({pts[i] for i in idx})
   got: dict[int, np.ndarray] = {}
@@ -162,17 +191,18 @@ def _decode_seeking(container, stream, pts: list[int], keys: list[int],
       cur = frame.pts
       last = frame
       if frame.pts >= t:
-        got[t] = _rgb(frame)
+        got[t] = _rgb(frame, threads)
         found = True
         break
     if not found:
       if last is None:
         return None
-      got[t] = _rgb(last)  # stream ended early (fewer decodable frames than packets)
+      got[t] = _rgb(last, threads)  # stream ended early (fewer decodable frames than packets)
   return [got[pts[i]] for i in idx]
 
 
-def _decode_sequential(container, stream, num_frames: int) -> list[np.ndarray]:
+def _decode_sequential(container, stream, num_frames: int,
+                       threads: int = 1) -> list[np.ndarray]:
   """Decodes from the current (start) position; samples by frame index, using
   stream.frames when the container knows it, else holding the decoded (YUV) frames."""
   n = stream.frames
@@ -183,17 +213,17 @@ def _decode_sequential(container, stream, num_frames: int) -> list[np.ndarray]:
     for i, frame in enumerate(container.decode(stream)):
       last = frame
       if i in wanted:
-        got[i] = _rgb(frame)
+        got[i] = _rgb(frame, threads)
       if i >= want[-1]:
         break
     if last is None:
       return []
-    fill = got[max(got)] if got else _rgb(last)
+    fill = got[max(got)] if got else _rgb(last, threads)
     return [got.get(int(i), fill) for i in want]
   kept = list(container.decode(stream))
   if not kept:
     return []
-  return [_rgb(kept[i]) for i in sample_indices(len(kept), num_frames)]
+  return [_rgb(kept[i], threads) for i in sample_indices(len(kept), num_frames)]
 
 
 def _configure(container, threads: int):
@@ -204,14 +234,16 @@ def _configure(container, threads: int):
   return stream
 
 
-def decode_video(path: str, num_frames: int, *, seek: bool = True,
-                 threads: int = 1) -> np.ndarray:
+def decode_video(path: str, num_frames: int, *, seek: bool = True, threads: int = 1,
+                 sequential_max_frames: int = SEQUENTIAL_MAX_FRAMES) -> np.ndarray:
   """`num_frames` uniformly sampled RGB frames of a video file: uint8 [F, H, W, 3].
 
   Args:
     seek: seek to the keyframe before each target (default) instead of decoding the
       clip sequentially from the start.
-    threads: decoder threads (1 suits many parallel data workers).
+    threads: decoder (and RGB conversion) threads (1 suits many parallel data workers).
+    sequential_max_frames: with `seek`, a clip whose container reports at most this many
+      frames is still decoded sequentially (cheaper for short clips; 0: always seek).
   Raises:
     BadInputError: missing_file, corrupt_video, no_video_stream, empty_video.
   """
@@ -219,6 +251,8 @@ def decode_video(path: str, num_frames: int, *, seek: bool = True,
   try:
     stream = _configure(container, threads)
     frames = None
+    if seek and 0 < (stream.frames or 0) <= sequential_max_frames:
+      seek = False  # short clip: sequential decoding is cheaper than scan + seeks
     if seek:
       scan = _scan(container, stream)
       if scan is not None:
@@ -227,7 +261,7 @@ def decode_video(path: str, num_frames: int, *, seek: bool = True,
           raise BadInputError("empty_video", path, "no video packets")
         try:
           frames = _decode_seeking(container, stream, pts, keys,
-                                   sample_indices(len(pts), num_frames))
+                                   sample_indices(len(pts), num_frames), threads)
         except _SeekFailed:
           frames = None
       # Fall back: reopen (raw streams cannot even seek back to the start).
@@ -236,7 +270,7 @@ def decode_video(path: str, num_frames: int, *, seek: bool = True,
         container = _open(path)
         stream = _configure(container, threads)
     if frames is None:
-      frames = _decode_sequential(container, stream, num_frames)
+      frames = _decode_sequential(container, stream, num_frames, threads)
     if not frames:
       raise BadInputError("empty_video", path, "no decodable frames")
     return np.stack(frames)
@@ -331,13 +365,28 @@ def pad_to_square(img: np.ndarray, fill: Sequence[int] | None = None) -> np.ndar
   return out
 
 
-def resize(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-  """Resize to (h, w) (an int: square); area filter when shrinking, bicubic when growing."""
+def resize(img: np.ndarray, size: int | tuple[int, int], *,
+           out: np.ndarray | None = None) -> np.ndarray:
+  """Resize to (h, w) (an int: square); area filter when shrinking, bicubic when growing.
+
+  out: write the result into this [h, w, C] array (of img's dtype) and return it; without
+    it a new array is returned, or img itself when it already has the size.
+  """
   h, w = (size, size) if isinstance(size, int) else size
   if img.shape[:2] == (h, w):
-    return img
+    if out is None:
+      return img
+    out[...] = img
+    return out
   shrink = h * w < img.shape[0] * img.shape[1]
-  return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+  interp = cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
+  if out is None:
+    return cv2.resize(img, (w, h), interpolation=interp)
+  # Into a preallocated frame of the output: no per-frame allocation and copy.
+  res = cv2.resize(img, (w, h), dst=out, interpolation=interp)
+  if res is not out and not np.shares_memory(res, out):
+    out[...] = res  # cv2 could not write in place (layout); keep the contract
+  return out
 
 
 def resize_shortest_center_crop(img: np.ndarray, size: int) -> np.ndarray:
@@ -350,16 +399,58 @@ def resize_shortest_center_crop(img: np.ndarray, size: int) -> np.ndarray:
   return img[y:y + size, x:x + size]
 
 
+ASPECTS = ("pad", "crop", "resize")
+
+
+def geometry_is_resize(height: int, width: int, aspect: str) -> bool:
+  """True when `geometry(x, s, aspect)` equals `geometry(x, s, 'resize')` for frames of this
+  size: always for 'resize', and for square frames with 'pad' (nothing to pad) or 'crop'
+  (the shortest side is the whole frame)."""
+  if aspect not in ASPECTS:
+    raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
+  return aspect == "resize" or height == width
+
+
+def geometry(frames: np.ndarray, size: int, aspect: str = "pad", *,
+             fill: Sequence[int] | None = None) -> np.ndarray:
+  """[F, H, W, 3] (or [H, W, 3]) images -> [F, size, size, 3] of the same dtype (uint8 from
+  the decoders): the encoder geometry, no normalisation. This is what the pipeline ships;
+  the model normalises (emo_jax.models.pixels).
+
+  aspect: 'pad' (pad to square with `fill`, then resize; LLaMA-VID's setting), 'crop'
+    (shortest side then centre crop; the CLIP processor) or 'resize' (stretch).
+  fill: RGB of the 'pad' margin; default the CLIP mean as uint8 (LLaVA's expand2square).
+  Frames that already are size x size come back as they are (the same array, no copy).
+  """
+  if aspect not in ASPECTS:
+    raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
+  if frames.ndim == 3:
+    frames = frames[None]
+  if frames.shape[1:3] == (size, size):
+    return frames  # square already at size: every aspect is the identity
+  out = np.empty((frames.shape[0], size, size) + frames.shape[3:], frames.dtype)
+  square = frames.shape[1] == frames.shape[2]
+  for i, f in enumerate(frames):
+    if aspect == "resize" or square:
+      resize(f, size, out=out[i])
+    elif aspect == "pad":
+      resize(pad_to_square(f, fill), size, out=out[i])
+    else:
+      out[i] = resize_shortest_center_crop(f, size)
+  return out
+
+
 def normalize(frames: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   """uint8 [..., H, W, 3] -> float32 (x / 255 - mean) / std.
 
   One affine per channel with cv2.transform, frame by frame (several times faster than
-  numpy broadcasting over a length-3 last axis).
+  numpy broadcasting over a length-3 last axis); the constants are those of
+  emo_jax.models.pixels.normalize_pixels, the same computation on the device.
   """
-  std = np.asarray(std, np.float32)
+  std64 = np.asarray(std, np.float64)
   m = np.zeros((3, 4), np.float32)
-  m[np.arange(3), np.arange(3)] = 1.0 / (255.0 * std)
-  m[:, 3] = -np.asarray(mean, np.float32) / std
+  m[np.arange(3), np.arange(3)] = (1.0 / (255.0 * std64)).astype(np.float32)
+  m[:, 3] = (-np.asarray(mean, np.float64) / std64).astype(np.float32)
   shape = frames.shape
   flat = frames.reshape((-1,) + shape[-3:]) if frames.ndim >= 3 else frames.reshape(1, 1, -1, 3)
   out = np.empty(flat.shape, np.float32)
@@ -371,25 +462,15 @@ def normalize(frames: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 def preprocess(frames: np.ndarray, size: int = 224, *, aspect: str = "pad",
                mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
                ) -> np.ndarray:
-  """uint8 [F, H, W, 3] (or [H, W, 3]) -> normalised float32 [F, size, size, 3].
+  """uint8 [F, H, W, 3] (or [H, W, 3]) -> normalised float32 [F, size, size, 3]:
+  `normalize(geometry(...))`, the host-side equivalent of what the model does with the
+  pipeline's uint8 pixels. 'pad' fills with the mean colour.
 
   aspect: 'pad' (pad to square with the mean colour, then resize; LLaMA-VID's setting),
     'crop' (shortest side then centre crop; the CLIP processor) or 'resize' (stretch).
   """
-  if frames.ndim == 3:
-    frames = frames[None]
-  out = np.empty((frames.shape[0], size, size, 3), np.uint8)
-  for i, f in enumerate(frames):
-    if aspect == "pad":
-      fill = tuple(int(m * 255) for m in mean)
-      out[i] = resize(pad_to_square(f, fill), size)
-    elif aspect == "crop":
-      out[i] = resize_shortest_center_crop(f, size)
-    elif aspect == "resize":
-      out[i] = resize(f, size)
-    else:
-      raise ValueError(f"aspect must be 'pad', 'crop' or 'resize', got {aspect!r}")
-  return normalize(out, mean, std)
+  fill = tuple(int(m * 255) for m in mean)
+  return normalize(geometry(frames, size, aspect, fill=fill), mean, std)
 
 
 def preprocess_vit(frames: np.ndarray, size: int = 224, aspect: str = "pad") -> np.ndarray:
@@ -405,7 +486,6 @@ def preprocess_face(crops: np.ndarray, size: int = 224) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # Faces
 
-_local = threading.local()
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
 
 

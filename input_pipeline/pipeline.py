@@ -9,6 +9,12 @@
       -> count skips (main process; SkipCounter + iterator state)
       -> batch(collate)                padding to the smallest bucket length
 
+Pixels: `frames` and `face_crops` are uint8, in their encoder's geometry (`media.geometry`:
+pad / crop / resize) but not normalised; EmoLlama normalises them on the accelerator
+(emo_jax.models.pixels). With `face_mode='aligned'` the crops are the frames: when the face
+geometry equals the ViT one (same size, and a plain resize for these frames) the same array
+serves both keys instead of resizing twice.
+
 The batch is exactly docs/INTERFACES.md "The batch". The iterator is a grain
 `DatasetIterator`: `get_state()` / `set_state()` restore the exact position (and the
 skip counts), so orbax can checkpoint it beside the train state.
@@ -69,7 +75,7 @@ class PipelineConfig:
     bucket_lengths: batches are padded to the smallest of these that fits.
     qformer_max_length: fixed Q-Former text length Tq.
     image_size / face_size: ViT and face-network input sides.
-    aspect: ViT geometry, 'pad' (LLaMA-VID) | 'crop' | 'resize' (media.preprocess).
+    aspect: ViT geometry, 'pad' (LLaMA-VID) | 'crop' | 'resize' (media.geometry).
     face_mode: 'aligned' (the frame is the face, as in RAF-DB aligned / DFEW 224 clips),
       'detect' (OpenCV detector, no face -> counted skip), 'detect_or_full' (no face ->
       the whole frame), 'none' (no `face_crops` key: priors are precomputed or unused).
@@ -127,6 +133,8 @@ class PipelineConfig:
                        f"{max(self.bucket_lengths)}")
     if self.face_mode not in FACE_MODES:
       raise ValueError(f"face_mode must be one of {FACE_MODES}, got {self.face_mode!r}")
+    if self.aspect not in media_lib.ASPECTS:
+      raise ValueError(f"aspect must be one of {media_lib.ASPECTS}, got {self.aspect!r}")
     if self.agr_prompt and not self.priors_dir:
       raise ValueError("agr_prompt takes the AGR sentence from precomputed priors: set "
                        "priors_dir (see input_pipeline.precompute_priors)")
@@ -260,9 +268,9 @@ class ExampleBuilder:
     frame_mask = np.zeros((cfg.num_frames,), bool)
     frame_mask[:n_real] = True
 
+    vit = media_lib.geometry(frames, cfg.image_size, cfg.aspect)
     out = {
-        "frames": _pad_frames(media_lib.preprocess_vit(frames, cfg.image_size, cfg.aspect),
-                              cfg.num_frames),
+        "frames": _pad_frames(vit, cfg.num_frames),
         "frame_mask": frame_mask,
         "qformer_ids": q_ids,
         "qformer_mask": q_mask,
@@ -282,9 +290,12 @@ class ExampleBuilder:
     elif cfg.face_mode != "none":
       if crops is None:
         crops = self._face_crops(frames, record)
-      crops = np.asarray(crops)[:n_real]
-      out["face_crops"] = _pad_frames(media_lib.preprocess_face(crops, cfg.face_size),
-                                      cfg.num_frames)
+      if crops is frames and cfg.face_size == cfg.image_size and media_lib.geometry_is_resize(
+          frames.shape[1], frames.shape[2], cfg.aspect):
+        face = vit  # the crops are the frames, in the same geometry: resize once
+      else:
+        face = media_lib.geometry(np.asarray(crops)[:n_real], cfg.face_size, "resize")
+      out["face_crops"] = out["frames"] if face is vit else _pad_frames(face, cfg.num_frames)
     return out
 
   def __call__(self, element: Record | Mapping[str, Any], rng: np.random.Generator) -> dict:
@@ -303,14 +314,15 @@ class ExampleBuilder:
 
 def face_crop_items(source: Sequence[Record] | Any, config: PipelineConfig, *,
                     skips: SkipCounter | None = None) -> Iterator[tuple[str, np.ndarray]]:
-  """(record id, face-network input float32 [F, face_size, face_size, 3]) per element of
-  `source`, for `precompute_priors.precompute_priors`.
+  """(record id, face crops uint8 [F, face_size, face_size, 3]) per element of `source`,
+  for `precompute_priors.precompute_priors` (its PriorRunner normalises uint8 crops on the
+  device with the model's own function).
 
-  Decoded and preprocessed exactly as ExampleBuilder makes `face_crops` (same frame sampling
-  and frame count, same face mode, `media.preprocess_face`), so the prior network sees the
-  very inputs it would see online and the stored priors belong to the frames the batches
-  carry. Pre-extracted elements use their stored `face_crops`. Bad inputs are counted in
-  `skips` (strict: raised).
+  Decoded and resized exactly as ExampleBuilder makes `face_crops` (same frame sampling
+  and frame count, same face mode, `media.geometry(..., 'resize')`), so the prior network
+  sees the very pixels it would see online and the stored priors belong to the frames the
+  batches carry. Pre-extracted elements use their stored `face_crops`. Bad inputs are
+  counted in `skips` (strict: raised).
   """
   skips = skips if skips is not None else SkipCounter()
   builder = ExampleBuilder(dataclasses.replace(config, priors_dir=None, agr_prompt=False),
@@ -327,7 +339,7 @@ def face_crop_items(source: Sequence[Record] | Any, config: PipelineConfig, *,
         crops = builder._face_crops(builder._frames(record), record)  # pylint: disable=protected-access
       if crops.ndim != 4 or crops.shape[0] == 0:
         raise BadInputError("no_frames", _where(element), f"crops of shape {crops.shape}")
-      yield record.id, media_lib.preprocess_face(crops, config.face_size)
+      yield record.id, media_lib.geometry(crops, config.face_size, "resize")
     except BadInputError as e:
       skips.skip(e.reason, e.path or _where(element), e.detail)
 
@@ -402,7 +414,11 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
 
 
 def collate(examples: Sequence[dict], *, bucket_lengths: Sequence[int], pad_id: int) -> dict:
-  """Stacks examples; pads input_ids / attention_mask / loss_mask to a bucket length."""
+  """Stacks examples; pads input_ids / attention_mask / loss_mask to a bucket length.
+
+  A key whose arrays are, in every example, the very arrays of an earlier key (face_crops
+  that are the frames, see ExampleBuilder) gets that key's batch array, not a second copy.
+  """
   if not examples:
     raise ValueError("empty batch")
   length = bucket_length(max(len(e["input_ids"]) for e in examples), bucket_lengths)
@@ -412,9 +428,17 @@ def collate(examples: Sequence[dict], *, bucket_lengths: Sequence[int], pad_id: 
     for i, e in enumerate(examples):
       arr[i, :len(e[key])] = e[key]
     batch[key] = arr
+  stacked: list[str] = []
   for key in examples[0]:
-    if key not in batch:
+    if key in batch:
+      continue
+    alias = next((k for k in stacked if isinstance(examples[0][key], np.ndarray)
+                  and all(e[key] is e[k] for e in examples)), None)
+    if alias is not None:
+      batch[key] = batch[alias]
+    else:
       batch[key] = np.stack([e[key] for e in examples])
+      stacked.append(key)
   batch["label"] = batch["label"].astype(np.int32)
   batch["qformer_ids"] = batch["qformer_ids"].astype(np.int32)
   batch["qformer_mask"] = batch["qformer_mask"].astype(np.int32)
@@ -550,7 +574,13 @@ def to_global_batch(batch: Mapping[str, np.ndarray], mesh, spec=None) -> dict:
   if spec is None:
     spec = PartitionSpec(("data", "fsdp"))
   out = {}
+  placed: dict[tuple[int, Any], str] = {}  # (id of a numpy array, spec) -> its key
   for key, value in batch.items():
     s = spec[key] if isinstance(spec, Mapping) else spec
+    seen = placed.get((id(value), s))
+    if seen is not None and batch[seen] is value:  # face_crops aliasing frames: send once
+      out[key] = out[seen]
+      continue
     out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, s), np.asarray(value))
+    placed[(id(value), s)] = key
   return out

@@ -10,8 +10,9 @@ so its outputs can be computed once in preprocessing instead of every epoch:
 
 reads the pre-extracted `face_crops` (uint8 [F, S, S, 3], see input_pipeline.preprocess) or,
 with `--dataset`, decodes the records exactly as the training pipeline does
-(`pipeline.face_crop_items`: same frame sampling, so the priors belong to the batch's frames),
-normalises them (ImageNet mean/std), runs the network in fixed-size batches (one jit compile;
+(`pipeline.face_crop_items`: same frame sampling and geometry, uint8, so the priors belong to
+the batch's frames), normalises them on the device with the model's own function (ImageNet
+mean/std, emo_jax.models.pixels), runs the network in fixed-size batches (one jit compile;
 the last batch is zero-padded, which changes nothing since the network is per-sample) and
 writes ArrayRecord shards of one `.npz` blob per sample (no pickle) plus `index.json`
 (record id -> shard, position). `PriorStore(out_dir)[record_id]` gives back `face_global`
@@ -50,7 +51,9 @@ class PriorRunner:
   """Runs a frozen `FacePriors` network over crops in fixed batches with one jitted function.
 
   `__call__(crops [N, S, S, 3])` -> dict of numpy arrays keyed by PRIOR_FIELDS (first axis N).
-  uint8 crops are ImageNet-normalised first; float crops must be normalised already.
+  uint8 crops are ImageNet-normalised inside the jitted function by the same function
+  EmoLlama applies to uint8 `face_crops` (emo_jax.models.pixels.normalize_face), so stored
+  priors equal the online ones; float crops must be normalised already.
   """
 
   def __init__(self, model: nnx.Module, batch_size: int = 8):
@@ -60,8 +63,10 @@ class PriorRunner:
     graphdef, state = nnx.split(model)
     self._state = state
 
+    from emo_jax.models.pixels import normalize_face
+
     def apply(state, crops):
-      priors = nnx.merge(graphdef, state)(crops)
+      priors = nnx.merge(graphdef, state)(normalize_face(crops))
       return {f: getattr(priors, a) for f, a in zip(PRIOR_FIELDS, _PRIOR_ATTRS)}
 
     self._fn = jax.jit(apply)
@@ -70,14 +75,12 @@ class PriorRunner:
     crops = np.asarray(crops)
     if crops.ndim != 4 or crops.shape[-1] != 3:
       raise ValueError(f"face crops must be [N, S, S, 3], got {crops.shape}")
-    if crops.dtype == np.uint8:
-      from emo_jax.models.facexformer import normalize_crops
-      crops = np.asarray(normalize_crops(crops))
-    crops = crops.astype(np.float32)
+    if crops.dtype != np.uint8:
+      crops = crops.astype(np.float32)
     n, b = crops.shape[0], self.batch_size
     pad = (-n) % b
     if pad:
-      crops = np.concatenate([crops, np.zeros((pad,) + crops.shape[1:], np.float32)])
+      crops = np.concatenate([crops, np.zeros((pad,) + crops.shape[1:], crops.dtype)])
     chunks = [jax.device_get(self._fn(self._state, crops[i:i + b]))
               for i in range(0, crops.shape[0], b)]
     return {k: np.concatenate([c[k] for c in chunks])[:n] for k in PRIOR_FIELDS}

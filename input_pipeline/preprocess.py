@@ -10,7 +10,8 @@ Training then reads pre-extracted uint8 frames instead of decoding videos:
     pipeline.make_iterator(source, config, tokenizer, qformer_tokenizer)
 
 Each stored example is one msgpack map (no pickle): the Record's fields, `frames` uint8
-[F, S, S, 3] already in the ViT geometry (media.preprocess's aspect, not normalised),
+[F, S, S, 3] already in the ViT geometry (media.geometry; not normalised: the pipeline
+ships uint8 pixels and the model normalises them),
 optional `face_crops` uint8 [F, Sf, Sf, 3], and whatever an optional `priors_fn`
 returns (e.g. precomputed `face_global`, `face_local` float arrays and an
 `agr_sentence`), which the pipeline then uses instead of face crops.
@@ -120,21 +121,6 @@ class ExtractConfig:
   face_margin: float = 0.2
 
 
-def _geometry(frames: np.ndarray, size: int, aspect: str, fill=None) -> np.ndarray:
-  out = np.empty((frames.shape[0], size, size, 3), np.uint8)
-  for i, f in enumerate(frames):
-    if aspect == "pad":
-      fill = tuple(int(m * 255) for m in media_lib.CLIP_MEAN) if fill is None else fill
-      out[i] = media_lib.resize(media_lib.pad_to_square(f, fill), size)
-    elif aspect == "crop":
-      out[i] = media_lib.resize_shortest_center_crop(f, size)
-    elif aspect == "resize":
-      out[i] = media_lib.resize(f, size)
-    else:
-      raise ValueError(f"aspect must be 'pad', 'crop' or 'resize', got {aspect!r}")
-  return out
-
-
 def extract(record: Record, config: ExtractConfig) -> tuple[np.ndarray, np.ndarray | None]:
   """(frames uint8 [F, S, S, 3] in ViT geometry, face crops uint8 [F, Sf, Sf, 3] | None)."""
   n = 1 if record.media_type in ("image", "pixels") else config.num_frames
@@ -151,8 +137,8 @@ def extract(record: Record, config: ExtractConfig) -> tuple[np.ndarray, np.ndarr
           raise
     elif config.face_mode != "aligned":
       raise ValueError(f"unknown face_mode {config.face_mode!r}")
-    crops = np.stack([media_lib.resize(f, config.face_size) for f in raw])
-  return _geometry(frames, config.image_size, config.aspect), crops
+    crops = media_lib.geometry(raw, config.face_size, "resize")
+  return media_lib.geometry(frames, config.image_size, config.aspect), crops
 
 
 def _extract_one(record: Record, config: ExtractConfig, priors_fn: PriorsFn | None,

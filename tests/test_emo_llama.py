@@ -101,8 +101,8 @@ def test_slots_padding_and_batch_invariance(cfg, fns):
   # Changing padding frames (pixels and face crops) changes nothing anywhere.
   b2 = {k: np.array(v) for k, v in batch.items()}
   pad = ~batch["frame_mask"]
-  b2["frames"][pad] = 5.0
-  b2["face_crops"][pad] = -3.0
+  b2["frames"][pad] = 5
+  b2["face_crops"][pad] = 200
   logits2 = np.asarray(forward(state, b2)[0])
   np.testing.assert_allclose(logits2, logits, atol=1e-5, rtol=0)
   # Changing sample 2 entirely does not change samples 0 and 1 ...
@@ -117,11 +117,67 @@ def test_slots_padding_and_batch_invariance(cfg, fns):
   assert np.abs(logits3[2] - logits[2]).max() > 1e-3
   # ... while a real frame of sample 1 does change sample 1 (the test can fail).
   b4 = {k: np.array(v) for k, v in batch.items()}
-  b4["frames"][1, 1] += 1.0
+  b4["frames"][1, 1] = 255 - b4["frames"][1, 1]
   logits4 = np.asarray(forward(state, b4)[0])
   valid = batch["attention_mask"][1] == 1
   assert np.abs(logits4[1][valid] - logits[1][valid]).max() > 1e-4
   np.testing.assert_allclose(logits4[[0, 2]], logits[[0, 2]], atol=1e-5, rtol=0)
+
+
+def test_uint8_pixels_are_normalised_in_the_model(cfg, fns):
+  """uint8 frames / crops (the pipeline's batch) give the logits of the same batch normalised
+  on the host with media.preprocess_vit / preprocess_face (floating pixels are used as is)."""
+  from input_pipeline import media
+  state, forward, _ = fns
+  batch = _batch(cfg)
+  assert batch["frames"].dtype == np.uint8 and batch["face_crops"].dtype == np.uint8
+  host = dict(batch)
+  s, fs = cfg.vision.image_size, cfg.tiny_face_prior.image_size
+  host["frames"] = np.stack([media.preprocess_vit(x, s) for x in batch["frames"]])
+  host["face_crops"] = np.stack([media.preprocess_face(x, fs) for x in batch["face_crops"]])
+  assert host["frames"].dtype == np.float32
+  logits, _, _, visual = map(np.asarray, forward(state, batch))
+  logits_h, _, _, visual_h = map(np.asarray, forward(state, host))
+  att = batch["attention_mask"].astype(bool)
+  np.testing.assert_allclose(visual_h, visual, atol=2e-5, rtol=0)
+  np.testing.assert_allclose(logits_h[att], logits[att], atol=2e-5, rtol=0)
+  # The dtype is the contract: the same pixels as float are taken as normalised already,
+  # which is a very different input (the test can fail).
+  raw_float = dict(batch, frames=batch["frames"].astype(np.float32),
+                   face_crops=batch["face_crops"].astype(np.float32))
+  logits_f = np.asarray(forward(state, raw_float)[0])
+  assert np.abs(logits_f[att] - logits[att]).max() > 1e-3
+  # And each of the two keys is normalised with its own statistics.
+  swapped = dict(host, face_crops=np.stack([media.preprocess(x, fs, aspect="resize")
+                                            for x in batch["face_crops"]]))
+  logits_s = np.asarray(forward(state, swapped)[0])
+  assert np.abs(logits_s[att] - logits[att]).max() > 1e-4
+
+
+def test_normalize_pixels_contract():
+  from emo_jax.models import pixels
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+  want = (x / 255.0 - np.asarray(pixels.CLIP_MEAN)) / np.asarray(pixels.CLIP_STD)
+  got = pixels.normalize_vit(x)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-6, rtol=0)
+  want_face = (x / 255.0 - np.asarray(pixels.IMAGENET_MEAN)) / np.asarray(pixels.IMAGENET_STD)
+  np.testing.assert_allclose(np.asarray(pixels.normalize_face(x)), want_face, atol=1e-6, rtol=0)
+  assert pixels.normalize_vit(x, jnp.bfloat16).dtype == jnp.bfloat16
+  # Floating input is already normalised: passed through untouched (any float dtype).
+  f = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(pixels.normalize_vit(f)), f)
+  assert pixels.normalize_vit(f.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+  with pytest.raises(TypeError, match="uint8"):
+    pixels.normalize_vit(x.astype(np.int32))
+  with pytest.raises(ValueError, match="channels"):
+    pixels.normalize_vit(x[..., :2])
+  # Under jit too (the model's path).
+  np.testing.assert_allclose(np.asarray(jax.jit(pixels.normalize_vit)(x)), want, atol=1e-6,
+                             rtol=0)
+  fb = dummy_batch(EmoLlamaConfig.tiny(), (1, 2), num_frames=2, pixels="float32")
+  assert fb["frames"].dtype == fb["face_crops"].dtype == np.float32
 
 
 def _nonzero(tree) -> bool:
@@ -182,7 +238,7 @@ def test_precomputed_priors_with_qformer_face_queries(cfg):
 
   @nnx.jit
   def run(m, batch):
-    frames = batch["frames"]
+    frames = m.vision_inputs(batch["frames"])
     b, f = frames.shape[:2]
     feats = m.vision_tower(frames.reshape((b * f,) + frames.shape[2:]))
     q_out = m.qformer_queries(feats, jnp.repeat(batch["qformer_ids"], f, 0),
@@ -261,8 +317,22 @@ def test_agr_sentences_from_the_models_face_prior(cfg, model):
   got = model.agr_sentences(batch, media=["image", "video", "video"])
   b, f = batch["frame_mask"].shape
   crops = batch["face_crops"].reshape((b * f,) + batch["face_crops"].shape[2:])
-  priors = model.face_prior(crops).reshape_frames(b, f)
+  priors = model.face_prior(model.face_inputs(crops)).reshape_frames(b, f)
   # Padding-frame crops are random here: they must be ignored by the frame average.
   assert got == agr_from_priors(priors, batch["frame_mask"], cfg.agr_template,
                                 ["image", "video", "video"])
   assert got[0].startswith("The person in the image appears to be a ")
+  # The evaluation scorer's AGR pass normalises uint8 crops as the model does, and takes
+  # host-normalised float crops as they are.
+  from emo_jax.train.evaluate import Scorer
+  from input_pipeline import media
+  scorer = Scorer(model, max_new_tokens=1, eos_id=2, pad_id=0)
+  first = batch["face_crops"][:, 0]
+  p0 = model.face_prior(model.face_inputs(first))
+  want = tuple(np.asarray(x).argmax(-1) for x in (p0.age_logits, p0.gender_logits,
+                                                  p0.race_logits))
+  host = dict(batch, face_crops=np.stack([media.preprocess_face(x, x.shape[1])
+                                          for x in batch["face_crops"]]))
+  for got_agr in (scorer.agr(batch), scorer.agr(host)):
+    for g, w in zip(got_agr, want):
+      np.testing.assert_array_equal(g, w)

@@ -48,6 +48,9 @@ def setup(tmp_path_factory):
   runner = pp.PriorRunner(model.face_prior, batch_size=4)
   items = list(pipeline.face_crop_items(records, cfg))
   assert [rid for rid, _ in items] == [r.id for r in records]
+  # uint8 crops in the face geometry, as the batch's face_crops; the runner normalises them.
+  assert all(c.dtype == np.uint8 and c.shape[1:] == (cfg.face_size, cfg.face_size, 3)
+             for _, c in items)
   pp.precompute_priors(runner, items, str(d / "priors"), num_shards=2)
 
   @nnx.jit
@@ -82,10 +85,14 @@ def test_precomputed_priors_give_the_online_loss(setup):
   mask = frozen["frame_mask"]
   assert mask.sum(1).tolist() == [1 if r.media_type == "image" else NUM_FRAMES
                                   for r in s["records"]]
-  # The stored priors are the prior net's output on the batch's own crops; padding is zero.
+  # The stored priors are the prior net's output on the batch's own crops (uint8, normalised
+  # as the model does); padding is zero.
   b, f = mask.shape
+  assert online["face_crops"].dtype == np.uint8
+  for i, (rid, crops) in enumerate(s["items"]):  # batch order = record order (no shuffle)
+    np.testing.assert_array_equal(online["face_crops"][i, :len(crops)], crops, err_msg=rid)
   crops = online["face_crops"].reshape((b * f,) + online["face_crops"].shape[2:])
-  priors = s["model"].face_prior(crops).reshape_frames(b, f)
+  priors = s["model"].face_prior(s["model"].face_inputs(crops)).reshape_frames(b, f)
   for key, attr in (("face_global", "global_feats"), ("face_local", "local_feats")):
     np.testing.assert_allclose(frozen[key][mask], np.asarray(getattr(priors, attr))[mask],
                                atol=1e-5, err_msg=key)

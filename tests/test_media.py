@@ -46,13 +46,62 @@ def test_sample_indices_uniform_centres():
 def test_seeking_decode_matches_plain_pyav(tmp_path, gop, n, f):
   p = tmp_path / "v.mp4"
   _write_video(p, n, gop=gop)
-  got = media.decode_video(str(p), f)
+  # sequential_max_frames=0: seek even on these short clips.
+  got = media.decode_video(str(p), f, sequential_max_frames=0)
   ref, total = _reference_frames(p, media.sample_indices(n, f))
   assert total == n == media.count_frames(str(p))
   np.testing.assert_array_equal(got, ref)  # bit-identical frames to full decoding
   levels = got[:, 0, 0, 0].astype(int)
   np.testing.assert_allclose(levels, 8 * media.sample_indices(n, f) % 256, atol=4)
   np.testing.assert_array_equal(media.decode_video(str(p), f, seek=False), ref)
+  np.testing.assert_array_equal(media.decode_video(str(p), f), ref)  # default: short clip
+
+
+def test_short_clips_decode_sequentially_long_ones_seek(tmp_path, monkeypatch):
+  scans = []
+  real_scan = media._scan
+  monkeypatch.setattr(media, "_scan", lambda c, s: scans.append(1) or real_scan(c, s))
+  short, long_ = tmp_path / "short.mp4", tmp_path / "long.mp4"
+  _write_video(short, media.SEQUENTIAL_MAX_FRAMES, gop=10)
+  _write_video(long_, media.SEQUENTIAL_MAX_FRAMES + 6, gop=10)
+  for path, n, scanned in ((short, media.SEQUENTIAL_MAX_FRAMES, 0),
+                           (long_, media.SEQUENTIAL_MAX_FRAMES + 6, 1)):
+    scans.clear()
+    got = media.decode_video(str(path), 5)
+    assert len(scans) == scanned, path.name  # the demux pass only happens when seeking
+    np.testing.assert_array_equal(got, _reference_frames(path, media.sample_indices(n, 5))[0])
+  scans.clear()
+  media.decode_video(str(short), 5, sequential_max_frames=0)
+  assert len(scans) == 1
+
+
+def test_rgb_conversion_equals_to_ndarray(tmp_path):
+  """The per-thread reformatter gives what frame.to_ndarray(format='rgb24') gives, also when
+  size and pixel format change from one frame to the next (its swscale context is reused)."""
+  clips = []
+  for name, size, fmt in (("a.mp4", (48, 64), "yuv420p"), ("b.mp4", (30, 30), "yuv444p"),
+                          ("c.mp4", (48, 64), "yuv420p")):
+    c = av.open(str(tmp_path / name), "w")
+    s = c.add_stream("libx264", rate=25)
+    s.height, s.width = size
+    s.pix_fmt = fmt
+    rng = np.random.default_rng(len(clips))
+    for _ in range(3):
+      f = av.VideoFrame.from_ndarray(rng.integers(0, 256, size + (3,), dtype=np.uint8),
+                                     format="rgb24")
+      for pk in s.encode(f):
+        c.mux(pk)
+    for pk in s.encode():
+      c.mux(pk)
+    c.close()
+    with av.open(str(tmp_path / name)) as c:
+      clips.append(list(c.decode(video=0)))
+  assert {f.format.name for fs in clips for f in fs} == {"yuv420p", "yuv444p"}
+  for fs in zip(*clips):  # interleaved: a, b, c, a, b, c, ...
+    for frame in fs:
+      got = media._rgb(frame)
+      assert got.dtype == np.uint8 and got.shape == (frame.height, frame.width, 3)
+      np.testing.assert_array_equal(got, frame.to_ndarray(format="rgb24"))
 
 
 def test_sequential_fallback_for_streams_without_timestamps(tmp_path):
@@ -154,6 +203,57 @@ def test_normalisation_matches_transformers_clip_processor():
   face = media.preprocess_face(img, size=24)
   want = (img / 255.0 - np.array(media.IMAGENET_MEAN)) / np.array(media.IMAGENET_STD)
   np.testing.assert_allclose(face, want, atol=1e-5)
+
+
+def test_statistics_equal_the_models_copies():
+  from emo_jax.models import pixels
+  assert media.CLIP_MEAN == pixels.CLIP_MEAN and media.CLIP_STD == pixels.CLIP_STD
+  assert media.IMAGENET_MEAN == pixels.IMAGENET_MEAN and media.IMAGENET_STD == pixels.IMAGENET_STD
+
+
+def _old_geometry(frames, size, aspect, fill=None):
+  """The geometry as preprocess applied it before (a new array per resized frame)."""
+  out = []
+  for f in frames:
+    if aspect == "pad":
+      out.append(media.resize(media.pad_to_square(f, fill), size))
+    elif aspect == "crop":
+      out.append(media.resize_shortest_center_crop(f, size))
+    else:
+      out.append(media.resize(f, size))
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("shape", [(3, 30, 50), (2, 50, 30), (2, 40, 40), (1, 24, 24),
+                                   (2, 64, 64)])
+@pytest.mark.parametrize("aspect", ["pad", "crop", "resize"])
+def test_geometry_is_uint8_and_equals_the_per_frame_path(shape, aspect):
+  rng = np.random.default_rng(sum(shape))
+  frames = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+  got = media.geometry(frames, 24, aspect)
+  assert got.dtype == np.uint8 and got.shape == (shape[0], 24, 24, 3)
+  np.testing.assert_array_equal(got, _old_geometry(frames, 24, aspect))
+  # The plain-resize shortcut holds exactly when geometry_is_resize says so.
+  same = np.array_equal(got, media.geometry(frames, 24, "resize"))
+  assert media.geometry_is_resize(shape[1], shape[2], aspect) == same
+  # normalize(geometry(x)) is the host-side preprocess.
+  np.testing.assert_array_equal(media.preprocess(frames, 24, aspect=aspect),
+                                media.normalize(media.geometry(
+                                    frames, 24, aspect,
+                                    fill=tuple(int(m * 255) for m in media.CLIP_MEAN)),
+                                    media.CLIP_MEAN, media.CLIP_STD))
+  with pytest.raises(ValueError, match="aspect"):
+    media.geometry(frames, 24, "zoom")
+
+
+def test_resize_into_a_given_array():
+  rng = np.random.default_rng(2)
+  img = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+  for size in ((40, 60), (10, 15), (20, 30)):
+    out = np.zeros(size + (3,), np.uint8)
+    assert media.resize(img, size, out=out) is out
+    np.testing.assert_array_equal(out, media.resize(img, size))
+  assert media.resize(img, (20, 30)) is img
 
 
 def test_preprocess_geometry():

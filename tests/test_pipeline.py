@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from input_pipeline import labels, pipeline, template, tokenizers
+from input_pipeline import labels, media, pipeline, template, tokenizers
 from input_pipeline.records import BadInputError, Record, SkipCounter
 from tests.test_tokenizers_template import BERT_VOCAB, train_sentencepiece
 
@@ -84,8 +84,8 @@ def test_batch_matches_the_contract(toks, data):
                                       process_count=1))
   B, F, T = 12, 3, batch["input_ids"].shape[1]
   assert T in cfg.bucket_lengths
-  want = {"frames": (np.float32, (B, F, SIZE, SIZE, 3)), "frame_mask": (np.bool_, (B, F)),
-          "face_crops": (np.float32, (B, F, 8, 8, 3)), "qformer_ids": (np.int32, (B, 24)),
+  want = {"frames": (np.uint8, (B, F, SIZE, SIZE, 3)), "frame_mask": (np.bool_, (B, F)),
+          "face_crops": (np.uint8, (B, F, 8, 8, 3)), "qformer_ids": (np.int32, (B, 24)),
           "qformer_mask": (np.int32, (B, 24)), "input_ids": (np.int32, (B, T)),
           "attention_mask": (np.int32, (B, T)), "loss_mask": (np.int32, (B, T)),
           "label": (np.int32, (B,))}
@@ -97,6 +97,17 @@ def test_batch_matches_the_contract(toks, data):
     n_real = 1 if b < 10 else 3  # images, then clips (shuffle off)
     np.testing.assert_array_equal(batch["frame_mask"][b], np.arange(F) < n_real)
     assert not batch["frames"][b, n_real:].any() and batch["frames"][b, :n_real].any()
+    assert not batch["face_crops"][b, n_real:].any()
+    # uint8 pixels in the encoders' geometry; normalised (as the model does) they are the
+    # host-normalised inputs the pipeline used to send.
+    decoded = media.load_media(good[b], n_real)
+    np.testing.assert_allclose(
+        media.normalize(batch["frames"][b, :n_real], media.CLIP_MEAN, media.CLIP_STD),
+        media.preprocess_vit(decoded, SIZE, cfg.aspect), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        media.normalize(batch["face_crops"][b, :n_real], media.IMAGENET_MEAN,
+                        media.IMAGENET_STD),
+        media.preprocess_face(decoded, 8), atol=1e-6, rtol=0)
     ids, att = batch["input_ids"][b], batch["attention_mask"][b]
     pos = np.flatnonzero(ids == template.IMAGE_TOKEN_ID)
     assert len(pos) == slots and np.all(np.diff(pos) == 1)
@@ -212,6 +223,59 @@ def test_face_detection_mode_counts_no_face(toks, data):
   assert out[0]["face_crops"].shape[0] == 2
 
 
+@pytest.mark.parametrize("aspect", ["pad", "resize"])
+def test_aligned_faces_at_the_vit_geometry_are_resized_once(toks, data, aspect):
+  """face_size == image_size, aligned: square clips (any aspect) and stretched images
+  ('resize') share one array for frames and face_crops, down to the batch; non-square images
+  with 'pad' keep two. Either way each key holds its own geometry."""
+  llama, bert = toks
+  good, _ = data
+  cfg = dataclasses.replace(CFG, face_size=SIZE, aspect=aspect, shuffle=False, num_epochs=1,
+                            drop_remainder=False, global_batch_size=2)
+  builder = pipeline.ExampleBuilder(cfg, llama, bert, strict=True)
+  for rec in (good[0], good[10]):  # a 20x24 image, a 32x32 clip
+    ex = builder(rec, np.random.default_rng(0))
+    decoded = media.load_media(rec, 1 if rec.media_type == "image" else cfg.num_frames)
+    n = decoded.shape[0]
+    np.testing.assert_array_equal(ex["frames"][:n], media.geometry(decoded, SIZE, aspect))
+    np.testing.assert_array_equal(ex["face_crops"][:n],
+                                  media.geometry(decoded, SIZE, "resize"))
+    shared = rec.media_type == "video" or aspect == "resize"
+    assert (ex["face_crops"] is ex["frames"]) == shared, (rec.id, aspect)
+  # Batches: clips share one array; the images' keys stay separate with 'pad'.
+  for recs in (good[10:12], good[:2]):
+    batch = next(pipeline.make_iterator(recs, cfg, llama, bert, process_index=0,
+                                        process_count=1))
+    assert batch["frames"].dtype == batch["face_crops"].dtype == np.uint8
+    shared = recs[0].media_type == "video" or aspect == "resize"
+    assert (batch["face_crops"] is batch["frames"]) == shared
+  # Another face size: resized separately.
+  ex = pipeline.ExampleBuilder(dataclasses.replace(cfg, face_size=8), llama, bert)(
+      good[10], np.random.default_rng(0))
+  assert ex["face_crops"].shape[1:3] == (8, 8) and ex["frames"].shape[1:3] == (SIZE, SIZE)
+
+
+def test_collate_shares_arrays_only_when_every_example_does():
+  rng = np.random.default_rng(0)
+
+  def ex(shared):
+    f = rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    return {"input_ids": np.ones(3, np.int32), "attention_mask": np.ones(3, np.int32),
+            "loss_mask": np.ones(3, np.int32), "label": np.int32(0),
+            "qformer_ids": np.zeros(3, np.int32), "qformer_mask": np.zeros(3, np.int32),
+            "frames": f, "face_crops": f if shared else f.copy()}
+
+  exs = [ex(True), ex(True)]
+  b = pipeline.collate(exs, bucket_lengths=(8,), pad_id=0)
+  assert b["face_crops"] is b["frames"]
+  np.testing.assert_array_equal(b["frames"], np.stack([e["frames"] for e in exs]))
+  exs = [ex(True), ex(False)]
+  b = pipeline.collate(exs, bucket_lengths=(8,), pad_id=0)
+  assert b["face_crops"] is not b["frames"]
+  np.testing.assert_array_equal(b["face_crops"], np.stack([e["face_crops"] for e in exs]))
+  np.testing.assert_array_equal(b["frames"], np.stack([e["frames"] for e in exs]))
+
+
 def test_collate_pads_to_the_smallest_bucket():
   ex = lambda n: {"input_ids": np.arange(n, dtype=np.int32) + 1,
                   "attention_mask": np.ones(n, np.int32), "loss_mask": np.ones(n, np.int32),
@@ -242,6 +306,13 @@ def test_to_global_batch_shards_over_data_axes():
     assert out[k].sharding.spec == P(("data", "fsdp"))
     # Each device holds a quarter of the batch (replicated over 'tensor').
     assert {s.data.shape[0] for s in out[k].addressable_shards} == {2}
+  # uint8 pixels; a key aliasing another's array (face_crops = frames) is placed once.
+  frames = np.random.default_rng(1).integers(0, 256, (8, 2, 4, 4, 3), dtype=np.uint8)
+  out = pipeline.to_global_batch({"frames": frames, "face_crops": frames,
+                                  "other": frames.copy()}, mesh)
+  assert out["face_crops"] is out["frames"] and out["other"] is not out["frames"]
+  assert out["frames"].dtype == np.uint8
+  np.testing.assert_array_equal(np.asarray(out["other"]), frames)
 
 
 def test_config_errors_fail_early_and_all_bad_data_stops(toks, data):

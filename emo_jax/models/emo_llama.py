@@ -28,6 +28,11 @@ attention-mask 0, so padding frames contribute nothing; position ids come from t
 
 Frames are folded into the batch ([B*F, ...]) for the ViT, Q-Former and face modules; the
 Q-Former text of a sample is repeated for each of its frames (as LLaMA-VID does).
+
+Pixels: the pipeline sends `frames` / `face_crops` as uint8 images in their encoder's
+geometry; they are normalised here, inside the jitted model (`vision_inputs`: CLIP mean/std,
+`face_inputs`: ImageNet mean/std; emo_jax.models.pixels). Floating pixels are taken as
+already normalised and used as they are.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.models import face as face_lib
+from emo_jax.models import pixels as pixels_lib
 from emo_jax.models.face import AGR_TEMPLATE, FaceInfoMining, FaceMiningConfig
 from emo_jax.models.face_prior import FacePriors, TinyFacePrior, TinyFacePriorConfig
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -223,21 +229,32 @@ class EmoLlamaConfig:
 
 def dummy_batch(config: EmoLlamaConfig, frames_per_sample: Sequence[int], *, num_frames: int,
                 prefix_len: int = 3, answer_len: int = 4, qformer_len: int = 5,
-                seed: int = 0, face: str = "crops") -> dict[str, np.ndarray]:
+                seed: int = 0, face: str = "crops", pixels: str = "uint8"
+                ) -> dict[str, np.ndarray]:
   """A random batch in the INTERFACES.md layout (right-padded, for tests and benchmarks).
 
   Sample i has `frames_per_sample[i]` real frames of `num_frames`; its ids are
   `[prefix, F * tokens_per_frame image slots, answer, padding]` with loss on the answer.
   face: 'crops' (face_crops) | 'precomputed' (face_global/face_local) | 'none'.
+  pixels: 'uint8' (random raw pixels, as the pipeline sends them; padding frames black) |
+    'float32' (random already-normalised values; padding frames zero).
   """
   rng = np.random.default_rng(seed)
   b, f, tpf = len(frames_per_sample), num_frames, config.tokens_per_frame
   if not all(1 <= n <= f for n in frames_per_sample):
     raise ValueError(f"frames_per_sample {frames_per_sample} must be in [1, {f}]")
+  if pixels not in ("uint8", "float32"):
+    raise ValueError(f"pixels must be 'uint8' or 'float32', got {pixels!r}")
+
+  def images(shape):
+    if pixels == "uint8":
+      return rng.integers(0, 256, size=shape, dtype=np.uint8)
+    return rng.normal(size=shape).astype(np.float32)
+
   vocab = config.llm.vocab_size
   s = config.vision.image_size
   frame_mask = np.arange(f)[None] < np.asarray(frames_per_sample)[:, None]
-  frames = rng.normal(size=(b, f, s, s, 3)).astype(np.float32) * frame_mask[..., None, None, None]
+  frames = images((b, f, s, s, 3)) * frame_mask[..., None, None, None]
   lengths = [prefix_len + f * tpf + answer_len - (i % 2) for i in range(b)]
   t = max(lengths)
   input_ids = np.zeros((b, t), np.int32)
@@ -260,7 +277,7 @@ def dummy_batch(config: EmoLlamaConfig, frames_per_sample: Sequence[int], *, num
                label=np.full((b,), -1, np.int32))
   if face == "crops":
     fs = config.tiny_face_prior.image_size
-    batch["face_crops"] = rng.normal(size=(b, f, fs, fs, 3)).astype(np.float32)
+    batch["face_crops"] = images((b, f, fs, fs, 3))
   elif face == "precomputed":
     cf = config.face.face_dim
     batch["face_global"] = rng.normal(size=(b, f, 4, cf)).astype(np.float32)
@@ -417,6 +434,16 @@ class EmoLlama(nnx.Module):
       pooled = patches.reshape(n, g, k, g, k, c).mean(axis=(2, 4)).reshape(n, g * g, c)
     return self.mm_projector(pooled)
 
+  def vision_inputs(self, frames) -> jax.Array:
+    """`batch['frames']` as ViT input: uint8 pixels are CLIP-normalised here (in the vision
+    compute dtype), floating ones are already normalised (emo_jax.models.pixels)."""
+    return pixels_lib.normalize_vit(frames, self.config.vision.dtype)
+
+  def face_inputs(self, crops) -> jax.Array:
+    """`batch['face_crops']` as face-prior input: uint8 pixels are ImageNet-normalised here
+    (float32), floating ones are already normalised (emo_jax.models.pixels)."""
+    return pixels_lib.normalize_face(crops)
+
   def face_priors(self, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
     """(global [N, G, Cf], local [N, L, Cf]) from precomputed priors or the frozen prior net."""
     if "face_global" in batch and "face_local" in batch:
@@ -424,7 +451,7 @@ class EmoLlama(nnx.Module):
       g = g.reshape((-1,) + g.shape[2:])
       loc = loc.reshape((-1,) + loc.shape[2:])
     elif "face_crops" in batch and self.face_prior is not None:
-      crops = batch["face_crops"]
+      crops = self.face_inputs(batch["face_crops"])
       priors: FacePriors = self.face_prior(crops.reshape((-1,) + crops.shape[2:]))
       g, loc = priors.global_feats, priors.local_feats
     else:
@@ -436,7 +463,7 @@ class EmoLlama(nnx.Module):
   def encode_frames(self, batch: Mapping[str, Any]) -> jax.Array:
     """Visual tokens [B, F * tokens_per_frame, D] in slot order (padding frames included)."""
     cfg = self.config
-    frames = batch["frames"]
+    frames = self.vision_inputs(batch["frames"])
     b, f = frames.shape[:2]
     feats = self.vision_tower(frames.reshape((b * f,) + frames.shape[2:]))
     if "vision" not in cfg.trainable:
@@ -496,7 +523,7 @@ class EmoLlama(nnx.Module):
     if self.face_prior is None:
       raise ValueError("no face prior network in this model (face_prior='precomputed' or "
                        "use_face=False): take the AGR predictions from the precomputed priors")
-    crops = jnp.asarray(batch["face_crops"])
+    crops = self.face_inputs(batch["face_crops"])
     b, f = crops.shape[:2]
     priors = self.face_prior(crops.reshape((b * f,) + crops.shape[2:])).reshape_frames(b, f)
     return face_lib.agr_sentences(priors, batch.get("frame_mask"), self.config.agr_template,

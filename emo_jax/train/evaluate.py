@@ -140,7 +140,7 @@ class Scorer:
     @jax.jit
     def agr(state, crops):
       m = nnx.merge(self.graphdef, state)
-      p = m.face_prior(crops)
+      p = m.face_prior(m.face_inputs(crops))  # uint8 crops are normalised on device
       return (jnp.argmax(p.age_logits, -1), jnp.argmax(p.gender_logits, -1),
               jnp.argmax(p.race_logits, -1))
 
