@@ -3,12 +3,22 @@
     python benchmarks/bench_input_pipeline.py [--clips=32 --images=64 --frames=8 --workers=0]
 
 Writes benchmarks/results/input_pipeline.json and .md. The data is the synthetic set
-(real mp4 / jpg files); tokenizers are tiny ones trained here (tokenising is cheap next to
-decoding; a real LLaMA tokenizer.model changes little). 'raw' = PyAV decoding every frame
-of each clip and keeping the uniformly sampled ones (no resize / normalise / tokenise);
-'pipeline' = records -> batches (decode with seeking, ViT + face preprocessing at
---size, instruction, template, tokenise, pad, batch). Target (issue 4): pipeline costs at
-most 25% over raw decoding. Numbers on a shared machine are noisy.
+(real mp4 / jpg files; 12-frame 112 px h264 clips); tokenizers are tiny ones trained here
+(tokenising is cheap next to decoding; a real LLaMA tokenizer.model changes little).
+
+'raw' = PyAV decoding every frame of each clip and converting the uniformly sampled ones to
+RGB with `frame.to_ndarray(format='rgb24')` (no resize / tokenise / batch).
+'pipeline' = records -> batches, everything the training input does on the host:
+`media.decode_video` (sequential for these short clips; the sampled frames converted to RGB
+through one reused swscale context, bit-identical to to_ndarray), `media.geometry` (pad /
+resize to --size, uint8; with aligned faces at the ViT size the face crops are the same
+array, resized once), instruction, template, tokenise, pad, batch. The batch carries uint8
+pixels: the CLIP / ImageNet normalisation is not host work any more, it runs inside the
+jitted model on the accelerator (emo_jax.models.pixels), so it is not in either number.
+
+Both are timed in this one process over the same clips, each as the best of --repeats full
+passes (the first pass of either pays one-time costs; a shared machine is noisy). Target
+(issue 4): pipeline costs at most 25% over raw decoding (`pipeline_overhead_vs_raw` <= 0.25).
 """
 from __future__ import annotations
 
@@ -18,13 +28,15 @@ import os
 import random
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from input_pipeline import datasets, media, pipeline, synthetic, template, tokenizers  # noqa: E402
+
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from timing import best_time  # noqa: E402  (benchmarks/timing.py)
 
 
 def _tokenizers(d: str):
@@ -53,13 +65,18 @@ def _raw_decode(path: str, num_frames: int) -> np.ndarray:
   return np.stack([frames[i].to_ndarray(format="rgb24") for i in idx])
 
 
-def _run_pipeline(records, cfg, llama, bert) -> tuple[float, int]:
-  t = time.perf_counter()
-  n = 0
-  for batch in pipeline.make_iterator(records, cfg, llama, bert, process_index=0,
-                                      process_count=1):
-    n += batch["label"].shape[0]
-  return time.perf_counter() - t, n
+def _run_pipeline(records, cfg, llama, bert, repeats: int) -> tuple[float, int]:
+  """(best seconds of one full pass over records, examples per pass)."""
+  counts = []
+
+  def one_pass():
+    n = 0
+    for batch in pipeline.make_iterator(records, cfg, llama, bert, process_index=0,
+                                        process_count=1):
+      n += batch["label"].shape[0]
+    counts.append(n)
+
+  return best_time(one_pass, repeats, warmup=0), counts[-1]
 
 
 def main(argv=None) -> dict:
@@ -69,6 +86,7 @@ def main(argv=None) -> dict:
   p.add_argument("--frames", type=int, default=8)
   p.add_argument("--size", type=int, default=224)
   p.add_argument("--workers", type=int, default=0)
+  p.add_argument("--repeats", type=int, default=3, help="timed passes; the best one counts")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = p.parse_args(argv)
 
@@ -78,20 +96,22 @@ def main(argv=None) -> dict:
   clips = datasets.load_records("synthetic", d, split=None, kind="video")
   images = datasets.load_records("synthetic", d, split=None, kind="image")
 
-  t = time.perf_counter()
-  for r in clips:
-    _raw_decode(r.media, args.frames)
-  raw_s = time.perf_counter() - t
+  def raw_pass():
+    for r in clips:
+      _raw_decode(r.media, args.frames)
+
+  raw_s = best_time(raw_pass, args.repeats, warmup=0)
 
   cfg = pipeline.PipelineConfig(
       global_batch_size=4, num_frames=args.frames, tokens_per_frame=2, max_length=512,
       bucket_lengths=(256, 512), image_size=args.size, face_size=args.size, num_epochs=1,
       drop_remainder=False, worker_count=args.workers)
-  video_s, n_clips = _run_pipeline(clips, cfg, llama, bert)
-  image_s, n_images = _run_pipeline(images, cfg, llama, bert)
+  video_s, n_clips = _run_pipeline(clips, cfg, llama, bert, args.repeats)
+  image_s, n_images = _run_pipeline(images, cfg, llama, bert, args.repeats)
   result = {
       "clips": n_clips, "frames_per_clip": args.frames, "size": args.size,
-      "workers": args.workers,
+      "workers": args.workers, "repeats": args.repeats,
+      "batch_pixels": "uint8 (normalised in the jitted model, not on the host)",
       "raw_pyav_clips_per_s": len(clips) / raw_s,
       "pipeline_clips_per_s": n_clips / video_s,
       "pipeline_overhead_vs_raw": (video_s / max(n_clips, 1)) / (raw_s / len(clips)) - 1,
