@@ -75,12 +75,19 @@ def _eos_tuple(eos_token_id) -> tuple[int, ...]:
 _CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def decode_compiler_options(backend: str | None = None) -> dict | None:
+  """Compiler options for a jit that contains decoding (None off CPU). `generate` applies
+  them itself; a caller that jits around it (e.g. the evaluator) passes them to its jit."""
+  backend = backend or jax.default_backend()
+  return dict(_CPU_DECODE_OPTIONS) if backend == "cpu" else None
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted(backend: str):
   """The jitted generate loop for a backend (compiler options differ on CPU)."""
   return jax.jit(_generate_loop, static_argnames=("graphdef", "max_new_tokens", "eos", "pad",
                                                   "sampling"),
-                 compiler_options=_CPU_DECODE_OPTIONS if backend == "cpu" else None)
+                 compiler_options=decode_compiler_options(backend))
 
 
 def _generate_loop(graphdef, state, input_ids, inputs_embeds, attention_mask, rng, *,
@@ -156,7 +163,11 @@ def generate(model: nnx.Module, input_ids: jax.Array | None = None, *,
       raise ValueError("sampling needs an rng key")
     rng = jax.random.key(0)
   graphdef, state = nnx.split(model)
-  return _jitted(jax.default_backend())(
+  # Inside an outer jit (e.g. the evaluator's jitted generate) the loop is inlined into the
+  # caller's program, where per-jit compiler options are not allowed.
+  traced = any(isinstance(x, jax.core.Tracer)
+               for x in jax.tree.leaves((state, input_ids, inputs_embeds, attention_mask)))
+  return _jitted("traced" if traced else jax.default_backend())(
     graphdef, state, None if input_ids is None else jnp.asarray(input_ids, jnp.int32),
     inputs_embeds, attention_mask, rng, max_new_tokens=int(max_new_tokens), eos=eos,
     pad=int(pad_token_id), sampling=sampling)

@@ -20,6 +20,7 @@ silently.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Sequence
@@ -30,6 +31,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from emo_jax.models import generation
 from emo_jax.train import metrics as metrics_lib
 from emo_jax.train import task as task_lib
 from input_pipeline import instructions as instructions_lib
@@ -121,7 +123,7 @@ class Scorer:
     self.eos_id = eos_id
     self.pad_id = pad_id
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=generation.decode_compiler_options())
     def gen(state, batch):
       m = nnx.merge(self.graphdef, state)
       return m.generate(batch, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
