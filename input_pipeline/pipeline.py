@@ -5,6 +5,8 @@
       -> random_map(ExampleBuilder)    decode media (input_pipeline.media), face crop,
                                        instruction, template + tokenise; a bad input
                                        becomes a skip marker instead of an exception
+      -> [process_index::process_count] (per-host shard; after the map, so an example's
+                                       randomness is keyed by its global position)
       -> to_iter_dataset(ReadOptions) [-> mp_prefetch(MultiprocessingOptions)]
       -> count skips (main process; SkipCounter + iterator state)
       -> batch(collate)                padding to the smallest bucket length

@@ -20,6 +20,7 @@ from flax import nnx
 from emo_jax.convert import facexformer as conv
 from emo_jax.models import face as face_lib
 from emo_jax.models import facexformer as fx
+from emo_jax.models import pixels
 from emo_jax.models.face_prior import FacePriors
 from input_pipeline import precompute_priors as pp
 
@@ -323,7 +324,7 @@ def test_precomputed_priors_equal_online(setup, tmp_path):
     got = store[rid]
     # Normalised under jit, as the runner and the model do (eager rounding can differ by an
     # ulp, which the network amplifies to ~1e-5).
-    x = np.asarray(jax.jit(fx.normalize_crops)(crops))
+    x = np.asarray(jax.jit(pixels.normalize_face)(crops))
     x = np.concatenate([x, np.zeros((BATCH - len(x),) + x.shape[1:], np.float32)])
     _, online = setup["run"](x)  # padded to the compiled batch (rows are independent)
     online = jax.tree.map(lambda a: np.asarray(a)[:len(crops)], online)

@@ -43,8 +43,6 @@ from flax import nnx
 from emo_jax.models import swin as swin_lib
 from emo_jax.models.face_prior import AGE_BINS, GENDERS, NUM_LANDMARKS, RACES, FacePriors
 from emo_jax.models.face_prior import sample_bilinear
-from emo_jax.models.pixels import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
-from emo_jax.models.pixels import normalize_face
 
 # (task token name, head output size), in the decoder's token order (paper/code fact).
 TASKS: tuple[tuple[str, int], ...] = (
@@ -424,11 +422,3 @@ def abstract_model(config: FaceXFormerConfig) -> FaceXFormer:
   """A FaceXFormer with shape-only variables, to be filled by a converter."""
   return nnx.eval_shape(lambda: FaceXFormer(config, rngs=nnx.Rngs(0)))
 
-
-def normalize_crops(crops_uint8: np.ndarray | jax.Array) -> jax.Array:
-  """uint8 [..., 3] RGB crops -> float32 ImageNet-normalised (the network's input); the
-  same function the model applies to uint8 `face_crops` (pixels.normalize_face)."""
-  x = jnp.asarray(crops_uint8)
-  if x.dtype != jnp.uint8:
-    raise TypeError(f"normalize_crops takes uint8 pixels, got {x.dtype}")
-  return normalize_face(x)

@@ -93,9 +93,7 @@ def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, precision=None,
   XLA:CPU transposed the [T, out] cotangent instead (a full copy of each LoRA'd projection's
   gradient per step).
   """
-  xa = jnp.einsum("...i,ir->...r", x, a, precision=precision)
-  return jnp.einsum("...r,ro->...o", xa, b, precision=precision,
-                    preferred_element_type=preferred_element_type)
+  return _low_rank_fwd(x, a, b, precision, preferred_element_type)[0]
 
 
 def _low_rank_fwd(x, a, b, precision, preferred_element_type):

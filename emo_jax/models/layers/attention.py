@@ -37,13 +37,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     raise ValueError(f"num heads {h} is not a multiple of num kv heads {kh}")
   scale = d ** -0.5 if scale is None else scale
   qg = q.reshape(b, t, kh, h // kh, d)
-  kv = "bskd" if kv_layout == "bskd" else "bksd"
-  scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", qg, k, preferred_element_type=jnp.float32)
   scores = scores * scale
   big_neg = jnp.finfo(jnp.float32).min
   scores = jnp.where(mask[:, None, None, :, :], scores, big_neg)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
+  out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v)
   return out.reshape(b, t, h, d)
 
 
