@@ -9,6 +9,10 @@ Configs are the ones fixed by issue 2:
   LoRA r=16 alpha=32 on q/k/v/o; forward + backward + AdamW on the LoRA params only.
 - Greedy decode: same model, batch 4, prompt 64, 128 new tokens, KV cache.
 
+Timing: each measured thing is called once per round, round after round (matmul, jax step,
+torch step; then jax decode, HF generate), and the best round of each is kept, so a slow phase of
+a shared machine slows every side instead of whichever happened to run then.
+
 Reported next to the machine's own limits: a measured fp32 2048^3 matmul throughput (model
 FLOP/s as a fraction of it) and a measured memory read bandwidth (decode steps/s as a fraction of
 the weight-streaming limit = bandwidth / bytes of weights + KV cache read per step).
@@ -51,21 +55,37 @@ RANK, ALPHA, TARGETS = 16, 32, ("q_proj", "k_proj", "v_proj", "o_proj")
 DEC_BATCH, PROMPT, NEW = 4, 64, 128
 
 
-from timing import best_time  # noqa: E402  (benchmarks/timing.py)
+from timing import allocator_env, best_time  # noqa: E402  (benchmarks/timing.py)
 
 
-def measure_matmul(reps: int) -> dict:
+def matmul_runners() -> dict:
+  """fp32 2048^3 matmul in jax and torch (the machine's practical FLOP/s limit)."""
   n = 2048
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   f = jax.jit(lambda x, y: x @ y)
-  t_jax = best_time(lambda: f(a, b).block_until_ready(), reps)
   import torch
   ta, tb = torch.randn(n, n), torch.randn(n, n)
-  t_torch = best_time(lambda: ta @ tb, reps)
-  flops = 2 * n ** 3
-  return {"jax_gflops": flops / t_jax / 1e9, "torch_gflops": flops / t_torch / 1e9,
-          "peak_gflops": max(flops / t_jax, flops / t_torch) / 1e9}
+  f(a, b).block_until_ready()  # compile outside the timed rounds
+  return {"matmul_jax": lambda: f(a, b).block_until_ready(), "matmul_torch": lambda: ta @ tb}
+
+
+MATMUL_FLOPS = 2 * 2048 ** 3
+
+
+def interleaved(runners: dict, reps: int, warmup: int = 1) -> dict:
+  """Best wall time of each runner over `reps` rounds; every round calls every runner once, so
+  a slow phase of a shared machine hits all sides alike instead of whichever ran then."""
+  for fn in runners.values():
+    for _ in range(warmup):
+      fn()
+  best = {k: float("inf") for k in runners}
+  for _ in range(reps):
+    for k, fn in runners.items():
+      t0 = time.perf_counter()
+      fn()
+      best[k] = min(best[k], time.perf_counter() - t0)
+  return best
 
 
 def measure_bandwidth(reps: int) -> float:
@@ -97,7 +117,8 @@ def next_token_loss(model, ids):
   return nll / targets.size
 
 
-def bench_jax_lora(cfg: LlamaConfig, ids: np.ndarray, reps: int) -> dict:
+def jax_lora_runner(cfg: LlamaConfig, ids: np.ndarray):
+  """(run one LoRA step, info with first-call time and loss)."""
   model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
   apply_lora(model, rank=RANK, alpha=ALPHA, targets=TARGETS, rngs=nnx.Rngs(1))
   graphdef, trainable, frozen = nnx.split(model, trainable_filter(), ...)
@@ -122,9 +143,7 @@ def bench_jax_lora(cfg: LlamaConfig, ids: np.ndarray, reps: int) -> dict:
   def run():
     state["tr"], state["opt"], l = step(state["tr"], state["opt"], frozen, batch)
     l.block_until_ready()
-  t = best_time(run, reps, warmup=0)
-  return {"step_s": t, "first_call_s": compile_s, "tokens_per_s": BATCH * SEQ / t,
-          "loss": float(loss)}
+  return run, {"first_call_s": compile_s, "loss": float(loss)}
 
 
 def torch_model(cfg: LlamaConfig, lora: bool):
@@ -142,7 +161,7 @@ def torch_model(cfg: LlamaConfig, lora: bool):
   return m
 
 
-def bench_torch_lora(cfg: LlamaConfig, ids: np.ndarray, reps: int) -> dict:
+def torch_lora_runner(cfg: LlamaConfig, ids: np.ndarray):
   import torch
   m = torch_model(cfg, lora=True).train()
   opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
@@ -153,11 +172,10 @@ def bench_torch_lora(cfg: LlamaConfig, ids: np.ndarray, reps: int) -> dict:
     out = m(input_ids=x, labels=x)
     out.loss.backward()
     opt.step()
-  t = best_time(run, reps)
-  return {"step_s": t, "tokens_per_s": BATCH * SEQ / t, "threads": torch.get_num_threads()}
+  return run, {"threads": torch.get_num_threads()}
 
 
-def bench_jax_decode(cfg: LlamaConfig, prompt: np.ndarray, reps: int) -> dict:
+def jax_decode_runner(cfg: LlamaConfig, prompt: np.ndarray):
   model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
   mask = jnp.ones(prompt.shape, jnp.int32)
   ids = jnp.asarray(prompt)
@@ -167,13 +185,10 @@ def bench_jax_decode(cfg: LlamaConfig, prompt: np.ndarray, reps: int) -> dict:
              pad_token_id=0).block_until_ready()
   t0 = time.perf_counter()
   run()
-  first = time.perf_counter() - t0
-  t = best_time(run, reps, warmup=0)
-  return {"total_s": t, "first_call_s": first, "tokens_per_s": DEC_BATCH * NEW / t,
-          "steps_per_s": NEW / t}
+  return run, {"first_call_s": time.perf_counter() - t0}
 
 
-def bench_torch_decode(cfg: LlamaConfig, prompt: np.ndarray, reps: int) -> dict:
+def torch_decode_runner(cfg: LlamaConfig, prompt: np.ndarray):
   import torch
   m = torch_model(cfg, lora=False).eval()
   x = torch.as_tensor(prompt, dtype=torch.long)
@@ -183,8 +198,7 @@ def bench_torch_decode(cfg: LlamaConfig, prompt: np.ndarray, reps: int) -> dict:
       out = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW,
                        min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     assert out.shape[1] == PROMPT + NEW
-  t = best_time(run, reps)
-  return {"total_s": t, "tokens_per_s": DEC_BATCH * NEW / t}
+  return run, {}
 
 
 def decode_bytes_per_step(cfg: LlamaConfig) -> float:
@@ -200,11 +214,17 @@ def decode_bytes_per_step(cfg: LlamaConfig) -> float:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true", help="1-2 repetitions instead of 5")
+  ap.add_argument("--quick", action="store_true", help="1 round instead of 8")
   ap.add_argument("--skip-torch", action="store_true")
   ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  ap.add_argument("--allocator", choices=("reuse", "default"), default="reuse",
+                  help="glibc malloc for the whole process (both sides): 'reuse' keeps freed "
+                       "memory (timing.MALLOC_REUSE), 'default' is glibc's own; results go to "
+                       "llama.{json,md} and llama_default_malloc.{json,md}")
   args = ap.parse_args(argv)
-  reps = 1 if args.quick else 5
+  # Re-executing is only right for a command-line run, not for a caller passing argv.
+  tunables = allocator_env(args.allocator) if argv is None else os.environ.get("GLIBC_TUNABLES", "")
+  reps = 1 if args.quick else 8
   cfg = LlamaConfig(**MODEL)
   rng = np.random.RandomState(0)
   ids = rng.randint(3, cfg.vocab_size, (BATCH, SEQ)).astype(np.int32)
@@ -216,20 +236,35 @@ def main(argv=None):
                "quick": args.quick, "machine": {
                  "platform": platform.platform(), "cpu_count": os.cpu_count(),
                  "jax": jax.__version__, "backend": jax.default_backend(),
-                 "loadavg_1m": os.getloadavg()[0]}}
-  mm = measure_matmul(reps + 2)
+                 "loadavg_1m": os.getloadavg()[0],
+                 "allocator": args.allocator, "glibc_tunables": tunables}}
   bw = measure_bandwidth(reps + 2)
+  mm_runners = matmul_runners()
+
+  # LoRA step: matmul, jax and torch timed round by round.
+  flops = step_flops(cfg)
+  runners = dict(mm_runners)
+  jax_run, jax_info = jax_lora_runner(cfg, ids)
+  runners["jax"] = jax_run
+  if not args.skip_torch:
+    torch_run, torch_info = torch_lora_runner(cfg, ids)
+    runners["torch_peft"] = torch_run
+  best = interleaved(runners, reps, warmup=0 if args.quick else 1)
+  del runners, jax_run
+  mm = {"jax_gflops": MATMUL_FLOPS / best["matmul_jax"] / 1e9,
+        "torch_gflops": MATMUL_FLOPS / best["matmul_torch"] / 1e9}
+  mm["peak_gflops"] = max(mm["jax_gflops"], mm["torch_gflops"])
   res["machine"].update(matmul_fp32_2048=mm, read_bandwidth_gbs=bw)
   print(f"matmul fp32 2048^3: jax {mm['jax_gflops']:.1f} / torch {mm['torch_gflops']:.1f} "
         f"GFLOP/s; read bandwidth {bw:.1f} GB/s", flush=True)
-
-  flops = step_flops(cfg)
-  lora = {"model_flops_per_step": flops, "jax": bench_jax_lora(cfg, ids, reps)}
+  lora = {"model_flops_per_step": flops, "rounds": reps, "jax": dict(jax_info)}
   if not args.skip_torch:
-    lora["torch_peft"] = bench_torch_lora(cfg, ids, reps)
+    lora["torch_peft"] = dict(torch_info)
   for side in ("jax", "torch_peft"):
     if side in lora:
       r = lora[side]
+      r["step_s"] = best[side]
+      r["tokens_per_s"] = BATCH * SEQ / r["step_s"]
       r["model_gflops"] = flops / r["step_s"] / 1e9
       r["fraction_of_matmul"] = r["model_gflops"] / mm["peak_gflops"]
   if "torch_peft" in lora:
@@ -237,22 +272,32 @@ def main(argv=None):
   res["lora_step"] = lora
   print("lora step:", json.dumps(lora, indent=1), flush=True)
 
+  # Greedy decode: jax and HF generate timed round by round.
   per_step = decode_bytes_per_step(cfg)
   limit_steps = bw * 1e9 / per_step
+  jax_run, jax_info = jax_decode_runner(cfg, prompt)
+  runners = {"jax": jax_run}
+  if not args.skip_torch:
+    runners["hf_generate"] = torch_decode_runner(cfg, prompt)[0]
+  best = interleaved(runners, reps, warmup=0 if args.quick else 1)
   dec = {"bytes_per_step": per_step, "weight_streaming_limit_steps_per_s": limit_steps,
-         "jax": bench_jax_decode(cfg, prompt, reps)}
+         "rounds": reps, "jax": dict(jax_info, total_s=best["jax"],
+                                     tokens_per_s=DEC_BATCH * NEW / best["jax"],
+                                     steps_per_s=NEW / best["jax"])}
   dec["jax"]["fraction_of_streaming_limit"] = dec["jax"]["steps_per_s"] / limit_steps
   if not args.skip_torch:
-    dec["hf_generate"] = bench_torch_decode(cfg, prompt, reps)
+    dec["hf_generate"] = {"total_s": best["hf_generate"],
+                          "tokens_per_s": DEC_BATCH * NEW / best["hf_generate"]}
     dec["speedup_tokens_per_s"] = dec["jax"]["tokens_per_s"] / dec["hf_generate"]["tokens_per_s"]
   res["decode"] = dec
   print("decode:", json.dumps(dec, indent=1), flush=True)
 
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "llama.json").write_text(json.dumps(res, indent=2, default=str))
-  (out / "llama.md").write_text(_markdown(res))
-  print(f"wrote {out / 'llama.json'} and {out / 'llama.md'}")
+  stem = "llama" if args.allocator == "reuse" else "llama_default_malloc"
+  (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
+  (out / f"{stem}.md").write_text(_markdown(res))
+  print(f"wrote {out / stem}.json and {out / stem}.md")
 
 
 def _markdown(res: dict) -> str:
@@ -262,7 +307,8 @@ def _markdown(res: dict) -> str:
     "# LLaMA benchmark (emo_jax vs transformers/peft, torch CPU)", "",
     f"{'QUICK run (1 repetition): not a final number. ' if res['quick'] else ''}"
     f"Machine: {m['cpu_count']} CPUs, load {m['loadavg_1m']:.1f}, jax {m['jax']} "
-    f"({m['backend']}). fp32 2048^3 matmul: {m['matmul_fp32_2048']['peak_gflops']:.1f} GFLOP/s; "
+    f"({m['backend']}), glibc malloc: {m.get('allocator', 'default')}"
+    f"{' (' + m['glibc_tunables'] + ')' if m.get('glibc_tunables') else ''}. fp32 2048^3 matmul: {m['matmul_fp32_2048']['peak_gflops']:.1f} GFLOP/s; "
     f"read bandwidth {m['read_bandwidth_gbs']:.1f} GB/s.", "",
     "| LoRA step (4L, d512, seq 512, batch 4, r16 qkvo, fp32) | s/step | tokens/s | "
     "model GFLOP/s | of matmul |", "|---|---|---|---|---|"]

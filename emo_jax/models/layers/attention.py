@@ -33,17 +33,27 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     raise ValueError(f"kv_layout must be 'bskd' or 'bksd', got {kv_layout!r}")
   b, t, h, d = q.shape
   kh = k.shape[2] if kv_layout == "bskd" else k.shape[1]
+  _check_heads(h, kh)
+  qg = q.reshape(b, t, kh, h // kh, d)
+  out = _attend(qg, k, v, mask, d ** -0.5 if scale is None else scale, "btkgd", kv_layout)
+  return out.reshape(b, t, h, d)
+
+
+def _check_heads(h: int, kh: int) -> None:
   if h % kh:
     raise ValueError(f"num heads {h} is not a multiple of num kv heads {kh}")
-  scale = d ** -0.5 if scale is None else scale
-  qg = q.reshape(b, t, kh, h // kh, d)
-  scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", qg, k, preferred_element_type=jnp.float32)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+            q_layout: str, kv_layout: str) -> jax.Array:
+  """Masked fp32 softmax attention on grouped queries laid out as `q_layout` ("btkgd" or
+  "bkgtd"); the output has q's layout and v's dtype."""
+  scores = jnp.einsum(f"{q_layout},{kv_layout}->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores * scale
   big_neg = jnp.finfo(jnp.float32).min
   scores = jnp.where(mask[:, None, None, :, :], scores, big_neg)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
+  return jnp.einsum(f"bkgts,{kv_layout}->{q_layout}", probs, v)
 
 
 def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -53,14 +63,22 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
 
   Equal to the full computation because `mask` is causal by slot (query t never sees keys
   after t); skips the masked upper triangle, ~(n+1)/(2n) of the work for n blocks (our
-  optimisation; a static-shape cousin of blockwise / flash attention).
+  optimisation; a static-shape cousin of blockwise / flash attention). q, k and v are moved
+  to heads-major once ([B, K, G, T, d] and [B, K, S, d]), so every block's two contractions
+  and their gradients read contiguous per-head rows instead of each re-transposing its slice.
   """
-  t = q.shape[1]
+  b, t, h, d = q.shape
+  kh = k.shape[2]
   if chunk <= 0 or t <= chunk:
     return dot_product_attention(q, k, v, mask, scale=scale)
+  _check_heads(h, kh)
+  scale = d ** -0.5 if scale is None else scale
+  qh = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)
+  kh_, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
   outs = []
   for start in range(0, t, chunk):
     end = min(start + chunk, t)
-    outs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
-                                      mask[:, start:end, :end], scale=scale))
-  return jnp.concatenate(outs, axis=1)
+    outs.append(_attend(qh[:, :, :, start:end], kh_[:, :, :end], vh[:, :, :end],
+                        mask[:, start:end, :end], scale, "bkgtd", "bksd"))
+  out = jnp.concatenate(outs, axis=3)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
