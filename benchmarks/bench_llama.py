@@ -73,19 +73,24 @@ def matmul_runners() -> dict:
 MATMUL_FLOPS = 2 * 2048 ** 3
 
 
-def interleaved(runners: dict, reps: int, warmup: int = 1) -> dict:
+def interleaved(runners: dict, reps: int, warmup: int = 1) -> tuple[dict, dict]:
   """Best wall time of each runner over `reps` rounds; every round calls every runner once, so
-  a slow phase of a shared machine hits all sides alike instead of whichever ran then."""
+  a slow phase of a shared machine hits all sides alike instead of whichever ran then. Also
+  returns each runner's median count of minor page faults per call (getrusage)."""
+  import resource
   for fn in runners.values():
     for _ in range(warmup):
       fn()
   best = {k: float("inf") for k in runners}
+  faults = {k: [] for k in runners}
   for _ in range(reps):
     for k, fn in runners.items():
+      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       t0 = time.perf_counter()
       fn()
       best[k] = min(best[k], time.perf_counter() - t0)
-  return best
+      faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+  return best, {k: int(np.median(v)) for k, v in faults.items()}
 
 
 def measure_bandwidth(reps: int) -> float:
@@ -249,7 +254,7 @@ def main(argv=None):
   if not args.skip_torch:
     torch_run, torch_info = torch_lora_runner(cfg, ids)
     runners["torch_peft"] = torch_run
-  best = interleaved(runners, reps, warmup=0 if args.quick else 1)
+  best, faults = interleaved(runners, reps, warmup=0 if args.quick else 1)
   del runners, jax_run
   mm = {"jax_gflops": MATMUL_FLOPS / best["matmul_jax"] / 1e9,
         "torch_gflops": MATMUL_FLOPS / best["matmul_torch"] / 1e9}
@@ -264,6 +269,7 @@ def main(argv=None):
     if side in lora:
       r = lora[side]
       r["step_s"] = best[side]
+      r["minor_page_faults_per_step"] = faults[side]
       r["tokens_per_s"] = BATCH * SEQ / r["step_s"]
       r["model_gflops"] = flops / r["step_s"] / 1e9
       r["fraction_of_matmul"] = r["model_gflops"] / mm["peak_gflops"]
@@ -279,15 +285,17 @@ def main(argv=None):
   runners = {"jax": jax_run}
   if not args.skip_torch:
     runners["hf_generate"] = torch_decode_runner(cfg, prompt)[0]
-  best = interleaved(runners, reps, warmup=0 if args.quick else 1)
+  best, faults = interleaved(runners, reps, warmup=0 if args.quick else 1)
   dec = {"bytes_per_step": per_step, "weight_streaming_limit_steps_per_s": limit_steps,
          "rounds": reps, "jax": dict(jax_info, total_s=best["jax"],
                                      tokens_per_s=DEC_BATCH * NEW / best["jax"],
-                                     steps_per_s=NEW / best["jax"])}
+                                     steps_per_s=NEW / best["jax"],
+                                     minor_page_faults_per_call=faults["jax"])}
   dec["jax"]["fraction_of_streaming_limit"] = dec["jax"]["steps_per_s"] / limit_steps
   if not args.skip_torch:
     dec["hf_generate"] = {"total_s": best["hf_generate"],
-                          "tokens_per_s": DEC_BATCH * NEW / best["hf_generate"]}
+                          "tokens_per_s": DEC_BATCH * NEW / best["hf_generate"],
+                          "minor_page_faults_per_call": faults["hf_generate"]}
     dec["speedup_tokens_per_s"] = dec["jax"]["tokens_per_s"] / dec["hf_generate"]["tokens_per_s"]
   res["decode"] = dec
   print("decode:", json.dumps(dec, indent=1), flush=True)
@@ -311,12 +319,13 @@ def _markdown(res: dict) -> str:
     f"{' (' + m['glibc_tunables'] + ')' if m.get('glibc_tunables') else ''}. fp32 2048^3 matmul: {m['matmul_fp32_2048']['peak_gflops']:.1f} GFLOP/s; "
     f"read bandwidth {m['read_bandwidth_gbs']:.1f} GB/s.", "",
     "| LoRA step (4L, d512, seq 512, batch 4, r16 qkvo, fp32) | s/step | tokens/s | "
-    "model GFLOP/s | of matmul |", "|---|---|---|---|---|"]
+    "model GFLOP/s | of matmul | page faults/step |", "|---|---|---|---|---|---|"]
   for side in ("jax", "torch_peft"):
     if side in lora:
       r = lora[side]
       lines.append(f"| {side} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                   f"{r['model_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% |")
+                   f"{r['model_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% | "
+                   f"{r.get('minor_page_faults_per_step', '')} |")
   if "speedup_tokens_per_s" in lora:
     lines.append(f"\nLoRA step speed-up (tokens/s): {lora['speedup_tokens_per_s']:.2f}x")
   lines += ["", "| greedy decode (batch 4, prompt 64, 128 new) | s | tokens/s | "
