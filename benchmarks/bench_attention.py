@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from emo_jax.models.layers.attention import (chunked_causal_attention,  # noqa: E402
                                              dot_product_attention, make_attention_mask)
-from timing import allocator_env  # noqa: E402  (benchmarks/timing.py)
+from timing import allocator_env, interleaved  # noqa: E402  (benchmarks/timing.py)
 
 B, T, H, D = 4, 512, 8, 64
 CHUNK = 128
@@ -39,7 +38,7 @@ def main(argv=None):
   ap.add_argument("--allocator", choices=("reuse", "default"), default="reuse")
   ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
   args = ap.parse_args(argv)
-  tunables = allocator_env(args.allocator) if argv is None else os.environ.get("GLIBC_TUNABLES", "")
+  tunables = allocator_env(args.allocator, argv)
   key = jax.random.key(0)
   q, k, v, g = [jax.random.normal(jax.random.fold_in(key, i), (B, T, H, D)) for i in range(4)]
   mask = make_attention_mask(jnp.ones((B, T), jnp.int32), jnp.arange(T), T)
@@ -65,14 +64,7 @@ def main(argv=None):
   runners = {f"jax_blockwise_{CHUNK}": lambda: jax.block_until_ready(blockwise(q, k, v)),
              "jax_all_keys": lambda: jax.block_until_ready(full(q, k, v)),
              "torch_sdpa_causal": torch_sdpa}
-  for fn in runners.values():
-    fn()
-  best = {name: float("inf") for name in runners}
-  for _ in range(args.rounds):
-    for name, fn in runners.items():
-      t0 = time.perf_counter()
-      fn()
-      best[name] = min(best[name], time.perf_counter() - t0)
+  best, _ = interleaved(runners, args.rounds)
   res = {"shape_btHd": [B, T, H, D], "rounds": args.rounds, "allocator": args.allocator,
          "glibc_tunables": tunables, "loadavg_1m": os.getloadavg()[0],
          "grad_max_abs_diff_blockwise_vs_all_keys": max_diff,

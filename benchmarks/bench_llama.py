@@ -55,7 +55,7 @@ RANK, ALPHA, TARGETS = 16, 32, ("q_proj", "k_proj", "v_proj", "o_proj")
 DEC_BATCH, PROMPT, NEW = 4, 64, 128
 
 
-from timing import allocator_env, best_time  # noqa: E402  (benchmarks/timing.py)
+from timing import allocator_env, best_time, interleaved  # noqa: E402  (benchmarks/timing.py)
 
 
 def matmul_runners() -> dict:
@@ -71,26 +71,6 @@ def matmul_runners() -> dict:
 
 
 MATMUL_FLOPS = 2 * 2048 ** 3
-
-
-def interleaved(runners: dict, reps: int, warmup: int = 1) -> tuple[dict, dict]:
-  """Best wall time of each runner over `reps` rounds; every round calls every runner once, so
-  a slow phase of a shared machine hits all sides alike instead of whichever ran then. Also
-  returns each runner's median count of minor page faults per call (getrusage)."""
-  import resource
-  for fn in runners.values():
-    for _ in range(warmup):
-      fn()
-  best = {k: float("inf") for k in runners}
-  faults = {k: [] for k in runners}
-  for _ in range(reps):
-    for k, fn in runners.items():
-      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      t0 = time.perf_counter()
-      fn()
-      best[k] = min(best[k], time.perf_counter() - t0)
-      faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-  return best, {k: int(np.median(v)) for k, v in faults.items()}
 
 
 def measure_bandwidth(reps: int) -> float:
@@ -227,8 +207,7 @@ def main(argv=None):
                        "memory (timing.MALLOC_REUSE), 'default' is glibc's own; results go to "
                        "llama.{json,md} and llama_default_malloc.{json,md}")
   args = ap.parse_args(argv)
-  # Re-executing is only right for a command-line run, not for a caller passing argv.
-  tunables = allocator_env(args.allocator) if argv is None else os.environ.get("GLIBC_TUNABLES", "")
+  tunables = allocator_env(args.allocator, argv)
   reps = 1 if args.quick else 8
   cfg = LlamaConfig(**MODEL)
   rng = np.random.RandomState(0)

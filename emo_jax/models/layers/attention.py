@@ -74,11 +74,11 @@ def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
   _check_heads(h, kh)
   scale = d ** -0.5 if scale is None else scale
   qh = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)
-  kh_, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+  k_hm, v_hm = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
   outs = []
   for start in range(0, t, chunk):
     end = min(start + chunk, t)
-    outs.append(_attend(qh[:, :, :, start:end], kh_[:, :, :end], vh[:, :, :end],
+    outs.append(_attend(qh[:, :, :, start:end], k_hm[:, :, :end], v_hm[:, :, :end],
                         mask[:, start:end, :end], scale, "bkgtd", "bksd"))
   out = jnp.concatenate(outs, axis=3)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
