@@ -26,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from emo_jax.models.layers.attention import (chunked_causal_attention,  # noqa: E402
                                              dot_product_attention, make_attention_mask)
+from emo_jax.xla_options import train_compiler_options  # noqa: E402
 from timing import allocator_env, interleaved  # noqa: E402  (benchmarks/timing.py)
 
 B, T, H, D = 4, 512, 8, 64
@@ -44,7 +45,8 @@ def main(argv=None):
   mask = make_attention_mask(jnp.ones((B, T), jnp.int32), jnp.arange(T), T)
 
   def grad_fn(attn):
-    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v) * g), argnums=(0, 1, 2)))
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v) * g), argnums=(0, 1, 2)),
+                   compiler_options=train_compiler_options())
 
   blockwise = grad_fn(lambda q, k, v: chunked_causal_attention(q, k, v, mask, chunk=CHUNK))
   full = grad_fn(lambda q, k, v: dot_product_attention(q, k, v, mask))

@@ -46,6 +46,7 @@ import emo_jax  # noqa: E402,F401
 from emo_jax.models.generation import generate  # noqa: E402
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from emo_jax.models.lora import apply_lora, trainable_filter  # noqa: E402
+from emo_jax.xla_options import train_compiler_options  # noqa: E402
 
 MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
@@ -117,7 +118,8 @@ def jax_lora_runner(cfg: LlamaConfig, ids: np.ndarray):
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
-  step = jax.jit(train_step, donate_argnums=(0, 1))
+  # The library's training-step options (what `train.step.jit_train_step` compiles with).
+  step = jax.jit(train_step, donate_argnums=(0, 1), compiler_options=train_compiler_options())
   batch = jnp.asarray(ids)
   t0 = time.perf_counter()
   trainable, opt_state, loss = step(trainable, opt_state, frozen, batch)

@@ -241,7 +241,8 @@ def compile_step(program: Program, mesh, global_batch: int):
   fn = step_lib.jit_train_step(program.graphdef, program.tx, program.loss_fn,
                                state_shardings=state_sh, frozen_shardings=frozen_sh,
                                batch_sharding=batch_sh, accum_steps=program.accum_steps,
-                               compute_dtype=program.compute_dtype)
+                               compute_dtype=program.compute_dtype,
+                               compiler_options=None)  # XLA defaults, not CPU library fusions
   with sharding_lib.use_mesh_rules(mesh, program.rules), jax.set_mesh(mesh):
     lowered = fn.lower(state, program.frozen, batch)
   return lowered.compile()

@@ -65,6 +65,30 @@ def test_frozen_kernel_gradient_in_h_only_and_weights_not_differentiable():
                                              jnp.asarray(targets), wt)[0])(jnp.asarray(weights))
 
 
+@pytest.mark.parametrize("lora_head", [False, True])
+def test_greedy_correct_counts_a_tie_for_the_maximum(lora_head):
+  """Vocab ids 3 and 7 get identical logit columns, so every position ties between them; a
+  target of either counts as correct (argmax would only credit 3), a target elsewhere never
+  does, in the fused path and in the full-logits path of a LoRA-adapted head."""
+  h, w, _, _ = _data(b=1, t=6, d=8, v=12, seed=4)
+  h = np.abs(h)
+  w[:, 3] = w[:, 7] = 10.0 * np.abs(w).max()  # h . w3 = h . w7 > |h . w_c| for every other c
+  targets = np.array([[3, 7, 7, 3, 0, 11]], np.int32)
+  weights = np.ones((1, 6), np.float32)
+  if lora_head:
+    cfg = LlamaConfig(vocab_size=12, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    model.lm_head.kernel[...] = jnp.asarray(w)
+    apply_lora(model, rank=2, alpha=2, targets=("lm_head",), rngs=nnx.Rngs(1))  # B = 0
+    _, correct = model.cross_entropy(jnp.asarray(h), jnp.asarray(targets), jnp.asarray(weights))
+  else:
+    _, correct = linear_cross_entropy(h, w, targets, weights, chunk=4)
+  logits = h[0] @ w
+  assert np.all(logits[:, 3] == logits[:, 7]) and np.all(logits.argmax(-1) == 3)
+  assert float(correct) == 4.0
+
+
 def test_bad_shapes_raise():
   h, w, targets, weights = _data()
   with pytest.raises(ValueError, match="hidden size"):

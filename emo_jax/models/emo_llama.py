@@ -47,6 +47,7 @@ from flax import nnx
 
 from emo_jax.models import face as face_lib
 from emo_jax.models import pixels as pixels_lib
+from emo_jax.models.layers.cross_entropy import DEFAULT_CHUNK
 from emo_jax.models.face import AGR_TEMPLATE, FaceInfoMining, FaceMiningConfig
 from emo_jax.models.face_prior import FacePriors, TinyFacePrior, TinyFacePriorConfig
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -132,7 +133,7 @@ class EmoLlamaConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] | None = None
-  loss_chunk: int = 32  # positions per chunk of the LM-head cross entropy (`loss`)
+  loss_chunk: int = DEFAULT_CHUNK  # positions per chunk of the LM-head cross entropy (`loss`)
 
   def __post_init__(self):
     if self.face_prior not in FACE_PRIORS:

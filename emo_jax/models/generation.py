@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emo_jax.xla_options import decode_compiler_options  # noqa: F401  (re-exported)
+
 
 @dataclasses.dataclass(frozen=True)
 class GreedyConfig:
@@ -67,19 +69,6 @@ def _eos_tuple(eos_token_id) -> tuple[int, ...]:
   if isinstance(eos_token_id, int):
     return (int(eos_token_id),)
   return tuple(int(e) for e in eos_token_id)
-
-
-# XLA:CPU compiles dots through YNNPACK by default; for decode's [B, D] x [D, N] matrix-vector
-# products (memory-bound) its own Eigen path streams the weights faster: measured on the
-# bench_llama decode (2-core CPU), 1.51 s -> 1.24 s for 128 new tokens. CPU-only option.
-_CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def decode_compiler_options(backend: str | None = None) -> dict | None:
-  """Compiler options for a jit that contains decoding (None off CPU). `generate` applies
-  them itself; a caller that jits around it (e.g. the evaluator) passes them to its jit."""
-  backend = backend or jax.default_backend()
-  return dict(_CPU_DECODE_OPTIONS) if backend == "cpu" else None
 
 
 @functools.lru_cache(maxsize=None)

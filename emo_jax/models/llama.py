@@ -25,6 +25,7 @@ from flax import nnx
 from emo_jax.models.layers import (RMSNorm, apply_rotary, chunked_causal_attention,
                                    dot_product_attention, linear_cross_entropy,
                                    make_attention_mask, rope_cos_sin, rope_inv_freq)
+from emo_jax.models.layers.cross_entropy import DEFAULT_CHUNK
 from emo_jax.models.layers.rotary import rope_type
 from emo_jax.sharding import constrain
 
@@ -424,7 +425,7 @@ class LlamaForCausalLM(nnx.Module):
     return constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
 
   def cross_entropy(self, h: jax.Array, targets: jax.Array, weights: jax.Array, *,
-                    chunk: int = 32) -> tuple[jax.Array, jax.Array]:
+                    chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
     """(weighted NLL sum, weighted greedy-correct count) of `targets` [B, T] under the logits
     of hidden states `h` [B, T, D], without materialising [B, T, V] logits
     (`layers.linear_cross_entropy`, `chunk` positions at a time). Alignment is the caller's:
@@ -439,7 +440,7 @@ class LlamaForCausalLM(nnx.Module):
       lse = jax.nn.logsumexp(logits, axis=-1)
       picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
       w = weights.astype(jnp.float32)
-      correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * w)
+      correct = jnp.sum((picked >= jnp.max(logits, axis=-1)) * w)
       return jnp.sum((lse - picked) * w), correct
     return linear_cross_entropy(h, kernel, targets, weights, chunk=chunk, kernel_layout=layout,
                                 dtype=self.config.dtype or h.dtype)

@@ -21,6 +21,8 @@ import optax
 from flax import nnx
 
 from emo_jax.train.state import TrainState
+from emo_jax.models.layers.cross_entropy import DEFAULT_CHUNK
+from emo_jax.xla_options import train_compiler_options
 
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, jax.Array]]
 
@@ -81,18 +83,24 @@ def train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
 
 def jit_train_step(graphdef, tx, loss_fn: LossFn, *, state_shardings=None,
                    frozen_shardings=None, batch_sharding=None, accum_steps: int = 1,
-                   compute_dtype=None, donate: bool = True):
+                   compute_dtype=None, donate: bool = True,
+                   compiler_options: dict | None | str = "auto"):
   """jax.jit of `train_step` over (state, frozen, batch) with explicit shardings.
 
   With all shardings None it runs unsharded (default device). The state is donated.
+  `compiler_options="auto"` takes `xla_options.train_compiler_options()` (on CPU: YNNPACK
+  elementwise and reduce fusions); None compiles with XLA's defaults.
   """
+  if compiler_options == "auto":
+    compiler_options = train_compiler_options()
   fn = functools.partial(train_step, graphdef, tx, loss_fn, accum_steps=accum_steps,
                          compute_dtype=compute_dtype)
   kw = {}
   if state_shardings is not None:
     kw["in_shardings"] = (state_shardings, frozen_shardings, batch_sharding)
     kw["out_shardings"] = (state_shardings, None)
-  return jax.jit(fn, donate_argnums=(0,) if donate else (), **kw)
+  return jax.jit(fn, donate_argnums=(0,) if donate else (),
+                 compiler_options=compiler_options, **kw)
 
 
 def token_ce_sum(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
@@ -107,7 +115,7 @@ def token_ce_sum(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
 
 
 def causal_lm_ce_sum(model, input_ids: jax.Array, attention_mask: jax.Array,
-                     loss_mask: jax.Array, *, chunk: int = 32) -> tuple[jax.Array, jax.Array]:
+                     loss_mask: jax.Array, *, chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
   """`token_ce_sum` of a `LlamaForCausalLM` on `input_ids`, through the chunked LM-head cross
   entropy (`LlamaForCausalLM.cross_entropy`): the [B, T, V] logits are never materialised.
   Returns (sum, count)."""
