@@ -47,9 +47,9 @@ from flax import nnx
 
 from emo_jax.models import face as face_lib
 from emo_jax.models import pixels as pixels_lib
-from emo_jax.models.layers.cross_entropy import DEFAULT_CHUNK
 from emo_jax.models.face import AGR_TEMPLATE, FaceInfoMining, FaceMiningConfig
 from emo_jax.models.face_prior import FacePriors, TinyFacePrior, TinyFacePriorConfig
+from emo_jax.models.layers import DEFAULT_CHUNK
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from emo_jax.models.qformer import QFormerConfig, QFormerModel
 from emo_jax.models.vit import VisionConfig, VisionTransformer

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emo_jax.models.layers import (RMSNorm, apply_rotary, chunked_causal_attention,
-                                   dot_product_attention, linear_cross_entropy,
+from emo_jax.models.layers import (DEFAULT_CHUNK, RMSNorm, apply_rotary,
+                                   chunked_causal_attention, dot_product_attention,
+                                   linear_cross_entropy,
                                    make_attention_mask, rope_cos_sin, rope_inv_freq)
-from emo_jax.models.layers.cross_entropy import DEFAULT_CHUNK
 from emo_jax.models.layers.rotary import rope_type
 from emo_jax.sharding import constrain
 

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from emo_jax.models.layers import DEFAULT_CHUNK
 from emo_jax.train.state import TrainState
-from emo_jax.models.layers.cross_entropy import DEFAULT_CHUNK
 from emo_jax.xla_options import train_compiler_options
 
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, jax.Array]]
@@ -115,7 +115,8 @@ def token_ce_sum(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
 
 
 def causal_lm_ce_sum(model, input_ids: jax.Array, attention_mask: jax.Array,
-                     loss_mask: jax.Array, *, chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
+                     loss_mask: jax.Array, *, chunk: int = DEFAULT_CHUNK
+                     ) -> tuple[jax.Array, jax.Array]:
   """`token_ce_sum` of a `LlamaForCausalLM` on `input_ids`, through the chunked LM-head cross
   entropy (`LlamaForCausalLM.cross_entropy`): the [B, T, V] logits are never materialised.
   Returns (sum, count)."""

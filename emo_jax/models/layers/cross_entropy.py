@@ -33,8 +33,8 @@ DEFAULT_CHUNK = 64
 
 
 def linear_cross_entropy(h: jax.Array, kernel: jax.Array, targets: jax.Array,
-                         weights: jax.Array, *, chunk: int = DEFAULT_CHUNK, kernel_layout: str = "dv",
-                         dtype=None) -> tuple[jax.Array, jax.Array]:
+                         weights: jax.Array, *, chunk: int = DEFAULT_CHUNK,
+                         kernel_layout: str = "dv", dtype=None) -> tuple[jax.Array, jax.Array]:
   """Weighted next-token NLL sum and weighted greedy-correct count, both fp32 scalars.
 
   h: [B, T, D] hidden states (already final-normed); kernel: [D, V] (`kernel_layout="dv"`, an
