@@ -17,10 +17,10 @@ Reported next to the machine's own limits: a measured fp32 2048^3 matmul through
 FLOP/s as a fraction of it) and a measured memory read bandwidth (decode steps/s as a fraction of
 the weight-streaming limit = bandwidth / bytes of weights + KV cache read per step).
 
-Model FLOPs of a LoRA step (what the step must compute, no remat recompute): frozen matmuls
-forward (2 N_dense per token) and their input gradients (2 N_dense per token; frozen weights get
-no weight gradient), attention 4 B T^2 D per layer forward and 8 B T^2 D backward, LoRA matmuls
-forward + input and weight gradients (3 x 2 N_lora per token).
+Model FLOPs of a LoRA step: `emo_jax.models.flops.lora_step_flops`, the matmuls the step must
+compute (frozen weights get no weight gradient, layer 0's q/k/v no input gradient, attention
+counted over all T x T pairs, no remat recompute); tests/test_flops.py checks it against the
+matmuls autodiff traces.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import emo_jax  # noqa: E402,F401
+from emo_jax.models.flops import lora_step_flops  # noqa: E402
 from emo_jax.models.generation import generate  # noqa: E402
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from emo_jax.models.lora import apply_lora, trainable_filter  # noqa: E402
@@ -83,14 +84,7 @@ def measure_bandwidth(reps: int) -> float:
 
 
 def step_flops(cfg: LlamaConfig) -> float:
-  d, f, v, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
-  hq = cfg.num_attention_heads * cfg.head_dim
-  hkv = cfg.num_key_value_heads * cfg.head_dim
-  tokens = BATCH * SEQ
-  n_dense = L * (d * hq + 2 * d * hkv + hq * d + 3 * d * f) + d * v
-  n_lora = L * RANK * ((d + hq) + 2 * (d + hkv) + (hq + d))
-  attn = L * (4 + 8) * BATCH * SEQ * SEQ * hq
-  return 4 * n_dense * tokens + attn + 6 * n_lora * tokens
+  return lora_step_flops(cfg, batch=BATCH, seq=SEQ, rank=RANK, targets=TARGETS)["total"]
 
 
 def next_token_loss(model, ids):
@@ -103,6 +97,18 @@ def next_token_loss(model, ids):
   return nll / targets.size
 
 
+def make_lora_train_step(graphdef, tx):
+  """(trainable, opt_state, frozen, ids) -> (trainable, opt_state, loss): one AdamW step on
+  the LoRA factors under `next_token_loss`; frozen weights are an input, never updated."""
+  def train_step(trainable, opt_state, frozen, ids):
+    def loss_fn(tr):
+      return next_token_loss(nnx.merge(graphdef, tr, frozen), ids)
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+  return train_step
+
+
 def jax_lora_runner(cfg: LlamaConfig, ids: np.ndarray):
   """(run one LoRA step, info with first-call time and loss)."""
   model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
@@ -110,13 +116,7 @@ def jax_lora_runner(cfg: LlamaConfig, ids: np.ndarray):
   graphdef, trainable, frozen = nnx.split(model, trainable_filter(), ...)
   tx = optax.adamw(1e-4)
   opt_state = tx.init(trainable)
-
-  def train_step(trainable, opt_state, frozen, batch):
-    def loss_fn(tr):
-      return next_token_loss(nnx.merge(graphdef, tr, frozen), batch)
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
+  train_step = make_lora_train_step(graphdef, tx)
 
   # The library's training-step options (what `train.step.jit_train_step` compiles with).
   step = jax.jit(train_step, donate_argnums=(0, 1), compiler_options=train_compiler_options())

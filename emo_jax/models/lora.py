@@ -123,7 +123,7 @@ def _path_str(path: Sequence[Any]) -> str:
   return ".".join(str(p) for p in path)
 
 
-def _matcher(targets: str | Iterable[str]) -> Callable[[str], bool]:
+def target_matcher(targets: str | Iterable[str]) -> Callable[[str], bool]:
   """A plain identifier matches the last path component; anything else is a regex that must
   match the whole dotted path (e.g. r'model\\.layers\\.\\d+\\.self_attn\\.(q|v)_proj')."""
   if isinstance(targets, str):
@@ -164,7 +164,7 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float,
   must not silently train nothing).
   """
   rngs = nnx.Rngs(0) if rngs is None else rngs
-  match = _matcher(targets)
+  match = target_matcher(targets)
   hits = [(path, m) for path, m in _iter_modules(model)
           if isinstance(m, nnx.Linear) and path and match(_path_str(path))]
   if not hits:
