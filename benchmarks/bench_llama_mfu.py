@@ -39,8 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from emo_jax.memory_plan import jaxpr_matmul_flops  # noqa: E402
-from emo_jax.models.flops import lora_step_flops  # noqa: E402
+from emo_jax.models.flops import jaxpr_matmul_flops, lora_step_flops  # noqa: E402
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from emo_jax.models.lora import apply_lora, trainable_filter  # noqa: E402
 from emo_jax.train.loop import PEAK_FLOPS  # noqa: E402

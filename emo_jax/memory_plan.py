@@ -269,62 +269,10 @@ def read_stats(compiled) -> dict:
   return stats
 
 
-def _sub_jaxprs(value):
-  """Jaxprs nested in an equation parameter (ClosedJaxpr, Jaxpr, or sequences of them)."""
-  from jax.extend import core
-  if isinstance(value, core.ClosedJaxpr):
-    return [value.jaxpr]
-  if isinstance(value, core.Jaxpr):
-    return [value]
-  if isinstance(value, (tuple, list)):
-    return [j for v in value for j in _sub_jaxprs(v)]
-  return []
-
-
-def jaxpr_matmul_flops(jaxpr) -> tuple[float, int]:
-  """Matmul + convolution FLOPs of a jaxpr, loop trip counts included.
-
-  Counts 2*M*N*K per dot_general and per convolution (the usual model-FLOPs convention;
-  elementwise work is ignored). `scan` bodies count `length` times, `cond` takes its most
-  expensive branch, remat / pjit / custom-derivative calls recurse. Returns
-  (flops, number of `while` loops whose trip count is unknown and counted once).
-  """
-  import numpy as np
-  total, unknown = 0.0, 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      (lc, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      k = float(np.prod([lhs[d] for d in lc])) if lc else 1.0
-      total += 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * k
-      continue
-    if name == "conv_general_dilated":
-      rhs = eqn.invars[1].aval.shape
-      dn = eqn.params["dimension_numbers"]
-      out_feature_dim = dn.rhs_spec[0]
-      per_out = float(np.prod(rhs)) / rhs[out_feature_dim]
-      total += 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * per_out
-      continue
-    subs = [(k, j) for k, v in eqn.params.items() for j in _sub_jaxprs(v)]
-    if not subs:
-      continue
-    counted = [jaxpr_matmul_flops(j) for _, j in subs]
-    if name == "cond":
-      total += max(c[0] for c in counted)
-      unknown += max(c[1] for c in counted)
-      continue
-    mult = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
-    if name == "while":
-      unknown += 1
-    total += mult * sum(c[0] for c in counted)
-    unknown += sum(c[1] for c in counted)
-  return total, unknown
-
-
 def step_matmul_flops(program: Program, global_batch: int) -> tuple[float, int]:
   """Matmul FLOPs of one whole train step (all devices) from its jaxpr."""
   import jax
+  from emo_jax.models.flops import jaxpr_matmul_flops
   from emo_jax.train import step as step_lib
   state = abstract_train_state(program)
   fn = functools.partial(step_lib.train_step, program.graphdef, program.tx, program.loss_fn,

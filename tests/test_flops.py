@@ -4,17 +4,17 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from emo_jax.memory_plan import jaxpr_matmul_flops
-from emo_jax.models.flops import lora_step_flops, lora_targets_per_layer
+from emo_jax.models.flops import jaxpr_matmul_flops, lora_step_flops, lora_targets_per_layer
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from emo_jax.models.lora import apply_lora, trainable_filter
+from emo_jax.xla_options import train_compiler_options
 
 BATCH, SEQ, RANK = 2, 17, 4     # 16 loss positions: a whole number of 8-position CE chunks
 CE_CHUNK = 8
 
 
-def _traced_step_flops(cfg: LlamaConfig, targets) -> float:
-  """Matmul FLOPs in the jaxpr of value_and_grad of the next-token loss w.r.t. LoRA params."""
+def _grad_fn(cfg: LlamaConfig, targets):
+  """(value_and_grad of the next-token loss w.r.t. the LoRA params, those params)."""
   model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
   apply_lora(model, rank=RANK, alpha=2 * RANK, targets=targets, rngs=nnx.Rngs(1))
   graphdef, trainable, frozen = nnx.split(model, trainable_filter(), ...)
@@ -27,8 +27,13 @@ def _traced_step_flops(cfg: LlamaConfig, targets) -> float:
     nll, _ = m.cross_entropy(h[:, :-1], ids[:, 1:], w, chunk=CE_CHUNK)
     return nll
 
-  flops, unknown_loops = jaxpr_matmul_flops(jax.make_jaxpr(jax.value_and_grad(loss))(
-    trainable).jaxpr)
+  return jax.value_and_grad(loss), trainable
+
+
+def _traced_step_flops(cfg: LlamaConfig, targets) -> float:
+  """Matmul FLOPs in the jaxpr of value_and_grad of the next-token loss w.r.t. LoRA params."""
+  fn, trainable = _grad_fn(cfg, targets)
+  flops, unknown_loops = jaxpr_matmul_flops(jax.make_jaxpr(fn)(trainable).jaxpr)
   assert unknown_loops == 0
   return flops
 
@@ -101,3 +106,24 @@ def test_lora_step_flops_layer0_savings_and_bad_targets():
   assert lora_targets_per_layer(scanned, r"model\.layers\.self_attn\.q_proj") == [{"q_proj"}] * 2
   with pytest.raises(ValueError, match="match no projection"):
     lora_targets_per_layer(cfg, r"model\.layers\.self_attn\.q_proj")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_train_loop_step_flops_count_every_layer(scan):
+  """The training loop's per-device count of a jitted step (`loop.step_matmul_flops_per_device`)
+  counts every layer of a scanned stack (XLA's cost_analysis() counts a scanned body once).
+  A scan runs one body for every layer, so layer 0 does the input-gradient work of the others:
+  its count is the model count with a live input."""
+  from emo_jax.train.loop import step_matmul_flops_per_device
+  targets = ("q_proj", "v_proj", "up_proj")
+  cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=56, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                    attention_chunk=0, scan_layers=scan)
+  fn, trainable = _grad_fn(cfg, targets)
+  # compiler_options as the library's jit_train_step sets them (allowed on a top-level jit).
+  jitted = jax.jit(fn, compiler_options=train_compiler_options())
+  per_device = step_matmul_flops_per_device(jitted.trace(trainable))
+  want = lora_step_flops(cfg, batch=BATCH, seq=SEQ, rank=RANK, targets=targets,
+                         input_live=scan)["total"]
+  dead = 0.0 if scan else _custom_vjp_dead_dx(cfg, targets)
+  assert per_device * jax.device_count() == pytest.approx(want + dead, rel=1e-12)

@@ -10,6 +10,7 @@ import pytest
 
 from emo_jax import memory_plan as mp
 from emo_jax import sharding as sharding_lib
+from emo_jax.models.flops import jaxpr_matmul_flops
 
 
 def tiny_program(**kw):
@@ -52,16 +53,16 @@ def test_jaxpr_flops_count_scan_trips_and_grads():
     h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)
     return jnp.sum(h @ head)
 
-  fwd, unknown = mp.jaxpr_matmul_flops(jax.make_jaxpr(f)(ws, x).jaxpr)
+  fwd, unknown = jaxpr_matmul_flops(jax.make_jaxpr(f)(ws, x).jaxpr)
   assert unknown == 0
   assert fwd == steps * 2 * m * k * k + 2 * m * k * n
   # value_and_grad w.r.t. ws: forward + dh (every step and the head) + dW (every step).
-  both, _ = mp.jaxpr_matmul_flops(jax.make_jaxpr(jax.value_and_grad(f))(ws, x).jaxpr)
+  both, _ = jaxpr_matmul_flops(jax.make_jaxpr(jax.value_and_grad(f))(ws, x).jaxpr)
   assert both == fwd + (steps * 2 * m * k * k + 2 * m * k * n) + steps * 2 * m * k * k
 
   def g(x):
     return jax.lax.cond(x.sum() > 0, lambda: (x @ x.T).sum(), lambda: x.sum())
-  assert mp.jaxpr_matmul_flops(jax.make_jaxpr(g)(x).jaxpr)[0] == 2 * m * m * k
+  assert jaxpr_matmul_flops(jax.make_jaxpr(g)(x).jaxpr)[0] == 2 * m * m * k
 
 
 class FakePlanner(mp.Planner):
