@@ -2,6 +2,7 @@
 
     python benchmarks/bench_llama_mfu.py                         # LLaMA-2-7B shape (accelerator)
     python benchmarks/bench_llama_mfu.py --shape tiny --steps 3  # the same code path on a CPU
+    python benchmarks/bench_llama_mfu.py --plan-only             # 7B memory plan, no weights
 
 The `7b` shape is issue 2's GPU measurement: LLaMA-2-7B (32 layers, d4096, FFN 11008, 32
 heads, vocab 32000), bf16 weights and compute, seq 2048, LoRA r16 alpha32 on q/k/v/o (the
@@ -73,16 +74,23 @@ def measured_matmul_flops(n: int, dtype, reps: int = 10) -> float:
   return 2 * n ** 3 / best_time(lambda: f(a, b).block_until_ready(), reps)
 
 
-def build_state(cfg: LlamaConfig, rank: int, targets):
-  """(graphdef, trainable, frozen): the model is traced abstractly for its graph, and its
-  weights are made on the device inside one jit (no host copy)."""
+def make_model_fn(cfg: LlamaConfig, rank: int, targets):
   def make_model():
     model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
     apply_lora(model, rank=rank, alpha=2 * rank, targets=targets, rngs=nnx.Rngs(1))
     return model
-  graphdef, _, _ = nnx.split(nnx.eval_shape(make_model), trainable_filter(), ...)
-  trainable, frozen = jax.jit(lambda: nnx.split(make_model(), trainable_filter(), ...)[1:])()
-  return graphdef, trainable, frozen
+  return make_model
+
+
+def memory_stats(compiled) -> dict:
+  """XLA's buffer assignment of the compiled step, and the peak it implies (arguments +
+  outputs - donated aliases + temporaries), in bytes."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  st = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+  st["peak"] = st["argument"] + st["output"] - st["alias"] + st["temp"]
+  return st
 
 
 def main(argv=None):
@@ -91,6 +99,7 @@ def main(argv=None):
   ap.add_argument("--batch", type=int)
   ap.add_argument("--seq", type=int)
   ap.add_argument("--dtype", choices=("bfloat16", "float32"))
+  ap.add_argument("--layers", type=int, help="override the shape's layer count")
   ap.add_argument("--rank", type=int, default=bl.RANK)
   ap.add_argument("--targets", default=",".join(bl.TARGETS),
                   help="comma-separated projection names, e.g. q_proj,v_proj")
@@ -103,13 +112,19 @@ def main(argv=None):
   ap.add_argument("--peak-tflops", type=float,
                   help="the device's peak dense FLOP/s in the step's dtype, in TFLOP/s "
                        "(default: emo_jax.train.loop.PEAK_FLOPS by device kind)")
+  ap.add_argument("--plan-only", action="store_true",
+                  help="compile against abstract shapes and report XLA's memory plan and the "
+                       "FLOP counts, without making weights or running (a CPU can plan 7B)")
   ap.add_argument("--out", default=str(bl.ROOT / "benchmarks" / "results"))
   args = ap.parse_args(argv)
   d = DEFAULTS[args.shape]
   batch, seq = args.batch or d["batch"], args.seq or d["seq"]
   dtype = jnp.dtype(args.dtype or d["dtype"])
   targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-  cfg = LlamaConfig(**SHAPES[args.shape], dtype=dtype, param_dtype=dtype,
+  shape = dict(SHAPES[args.shape])
+  if args.layers:
+    shape["num_hidden_layers"] = args.layers
+  cfg = LlamaConfig(**shape, dtype=dtype, param_dtype=dtype,
                     scan_layers=not args.no_scan, remat_policy=args.remat,
                     attention_chunk=args.attention_chunk)
   device = jax.devices()[0]
@@ -117,25 +132,55 @@ def main(argv=None):
   print(f"device {device.device_kind} ({jax.default_backend()}), peak "
         f"{'unknown' if peak is None else f'{peak / 1e12:.4g} TFLOP/s'}", flush=True)
 
+  # Compile against abstract shapes first: the plan (memory, FLOPs) needs no weights.
+  make_model = make_model_fn(cfg, args.rank, targets)
+  graphdef, abs_trainable, abs_frozen = nnx.split(nnx.eval_shape(make_model),
+                                                  trainable_filter(), ...)
+  tx = optax.adamw(1e-4)
+  abs_opt = jax.eval_shape(tx.init, abs_trainable)
+  abs_ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+  step = jax.jit(bl.make_lora_train_step(graphdef, tx), donate_argnums=(0, 1),
+                 compiler_options=train_compiler_options())
+  t0 = time.perf_counter()
+  traced = step.trace(abs_trainable, abs_opt, abs_frozen, abs_ids)
+  traced_flops, unknown_loops = jaxpr_matmul_flops(traced.jaxpr.jaxpr)
+  compiled = traced.lower().compile()
+  compile_s = time.perf_counter() - t0
+  memory = memory_stats(compiled)
+  print(f"compiled in {compile_s:.1f} s; XLA peak {memory.get('peak', 0) / 2**30:.2f} GiB "
+        f"(temp {memory.get('temp', 0) / 2**30:.2f} GiB)", flush=True)
+  model_flops = lora_step_flops(cfg, batch=batch, seq=seq, rank=args.rank, targets=targets)
+  res = {
+    "config": {"shape": args.shape, "model": shape, "batch": batch, "seq": seq,
+               "dtype": dtype.name, "lora_rank": args.rank, "lora_targets": targets,
+               "remat_policy": cfg.remat_policy, "scan_layers": cfg.scan_layers,
+               "attention_chunk": cfg.attention_chunk},
+    "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                "jax": jax.__version__, "backend": jax.default_backend(),
+                "device_kind": device.device_kind, "peak_flops": peak},
+    "plan_only": args.plan_only, "compile_s": compile_s, "memory_bytes": memory,
+    "model_flops_per_step": model_flops["total"],
+    "traced_matmul_flops_per_step": traced_flops, "traced_unknown_loops": unknown_loops,
+  }
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  if args.plan_only:
+    stem = f"llama_mfu_{args.shape}_plan"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
+    print(f"wrote {out / stem}.json")
+    return res
+
   mm = measured_matmul_flops(args.matmul or d["matmul"], dtype)
   print(f"measured {args.matmul or d['matmul']}^3 {dtype.name} matmul: {mm / 1e12:.2f} "
         f"TFLOP/s", flush=True)
-
   t0 = time.perf_counter()
-  graphdef, trainable, frozen = build_state(cfg, args.rank, targets)
-  jax.block_until_ready((trainable, frozen))
-  init_s = time.perf_counter() - t0
-  tx = optax.adamw(1e-4)
+  # The weights are made on the device inside one jit (no host copy).
+  trainable, frozen = jax.jit(lambda: nnx.split(make_model(), trainable_filter(), ...)[1:])()
   opt_state = jax.jit(tx.init)(trainable)
+  jax.block_until_ready((trainable, frozen, opt_state))
+  init_s = time.perf_counter() - t0
   ids = jax.random.randint(jax.random.key(2), (batch, seq), 3, cfg.vocab_size, jnp.int32)
-  step_fn = bl.make_lora_train_step(graphdef, tx)
-  traced_flops, unknown_loops = jaxpr_matmul_flops(
-    jax.make_jaxpr(step_fn)(trainable, opt_state, frozen, ids).jaxpr)
-  step = jax.jit(step_fn, donate_argnums=(0, 1), compiler_options=train_compiler_options())
-  t0 = time.perf_counter()
-  compiled = step.lower(trainable, opt_state, frozen, ids).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
 
   t0 = time.perf_counter()
   trainable, opt_state, loss = compiled(trainable, opt_state, frozen, ids)
@@ -149,31 +194,18 @@ def main(argv=None):
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
 
-  model_flops = lora_step_flops(cfg, batch=batch, seq=seq, rank=args.rank, targets=targets)
-  res = {
-    "config": {"shape": args.shape, "model": SHAPES[args.shape], "batch": batch, "seq": seq,
-               "dtype": dtype.name, "lora_rank": args.rank, "lora_targets": targets,
-               "remat_policy": cfg.remat_policy, "scan_layers": cfg.scan_layers,
-               "attention_chunk": cfg.attention_chunk},
-    "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                "jax": jax.__version__, "backend": jax.default_backend(),
-                "device_kind": device.device_kind,
-                "peak_flops": peak, "measured_matmul_flops": mm},
-    "init_s": init_s, "compile_s": compile_s, "first_step_s": warmup_s,
-    "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+  res["machine"]["measured_matmul_flops"] = mm
+  res.update({
+    "init_s": init_s, "first_step_s": warmup_s,
     "step_s_median": step_s, "step_s_best": min(times), "steps": len(times),
     "loss_first": first_loss, "loss_last": float(loss),
     "tokens_per_s": batch * seq / step_s,
-    "model_flops_per_step": model_flops["total"],
-    "traced_matmul_flops_per_step": traced_flops, "traced_unknown_loops": unknown_loops,
     "model_tflops": model_flops["total"] / step_s / 1e12,
     "of_measured_matmul": model_flops["total"] / step_s / mm,
     "mfu": None if peak is None else model_flops["total"] / step_s / peak,
     "hfu": None if peak is None else traced_flops / step_s / peak,
-  }
+  })
   print(json.dumps(res, indent=1), flush=True)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   stem = f"llama_mfu_{args.shape}"
   (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
   pct = (lambda x: "n/a" if x is None else f"{100 * x:.1f}%")
@@ -183,13 +215,16 @@ def main(argv=None):
     f"{'unknown' if peak is None else f'{peak / 1e12:.4g}'} TFLOP/s; measured "
     f"{args.matmul or d['matmul']}^3 {dtype.name} matmul {mm / 1e12:.2f} TFLOP/s.", "",
     f"Config: batch {batch}, seq {seq}, {dtype.name}, LoRA r{args.rank} on "
-    f"{'/'.join(targets)}, remat {cfg.remat_policy}, scan {cfg.scan_layers}.", "",
+    f"{'/'.join(targets)}, remat {cfg.remat_policy}, scan {cfg.scan_layers}. XLA memory "
+    f"plan: peak {memory.get('peak', 0) / 2**30:.2f} GiB, of it temporaries "
+    f"{memory.get('temp', 0) / 2**30:.2f} GiB.", "",
     "| step s (median of %d) | tokens/s | model TFLOP/s | MFU | HFU | of measured matmul |"
     % len(times),
     "|---|---|---|---|---|---|",
     f"| {step_s:.4f} | {res['tokens_per_s']:.0f} | {res['model_tflops']:.2f} | "
     f"{pct(res['mfu'])} | {pct(res['hfu'])} | {pct(res['of_measured_matmul'])} |", ""]))
   print(f"wrote {out / stem}.json and .md")
+  return res
 
 
 if __name__ == "__main__":
