@@ -43,7 +43,7 @@ from flax import nnx  # noqa: E402
 from emo_jax.models.flops import jaxpr_matmul_flops, lora_step_flops  # noqa: E402
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from emo_jax.models.lora import apply_lora, trainable_filter  # noqa: E402
-from emo_jax.train.loop import PEAK_FLOPS  # noqa: E402
+from emo_jax.train.loop import peak_flops_of_kind  # noqa: E402
 from emo_jax.xla_options import train_compiler_options  # noqa: E402
 from timing import best_time  # noqa: E402  (benchmarks/timing.py)
 
@@ -60,10 +60,7 @@ DEFAULTS = {"7b": dict(batch=4, seq=2048, dtype="bfloat16", matmul=8192),
 def device_peak_flops(device, override_tflops: float | None) -> float | None:
   if override_tflops:
     return override_tflops * 1e12
-  for kind, flops in PEAK_FLOPS.items():
-    if device.device_kind.startswith(kind):
-      return flops
-  return None
+  return peak_flops_of_kind(device.device_kind) or None
 
 
 def measured_matmul_flops(n: int, dtype, reps: int = 10) -> float:

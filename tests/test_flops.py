@@ -127,3 +127,11 @@ def test_train_loop_step_flops_count_every_layer(scan):
                          input_live=scan)["total"]
   dead = 0.0 if scan else _custom_vjp_dead_dx(cfg, targets)
   assert per_device * jax.device_count() == pytest.approx(want + dead, rel=1e-12)
+
+
+def test_peak_flops_table_prefers_the_specific_kind():
+  from emo_jax.train.loop import peak_flops_of_kind
+  assert peak_flops_of_kind("NVIDIA H100 PCIe") == 756e12
+  assert peak_flops_of_kind("NVIDIA H100 80GB HBM3") == 989e12
+  assert peak_flops_of_kind("TPU v5 lite") == 197e12
+  assert peak_flops_of_kind("cpu") == 0.0

@@ -45,9 +45,11 @@ from emo_jax.train import task as task_lib
 from input_pipeline.records import SkipCounter
 
 # Peak dense FLOP/s per device by device kind (bf16; public spec sheets). Our table, used
-# only when config.train.peak_flops_per_device is unset (-1).
+# only when config.train.peak_flops_per_device is unset (-1). The first key that the device
+# kind starts with wins, so more specific kinds come first.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+              "TPU v6 lite": 918e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100": 989e12,
+              "NVIDIA H200": 989e12,
               "NVIDIA A100": 312e12}
 
 
@@ -78,25 +80,30 @@ class Preemption:
     return bool(np.any(flags))
 
 
+def peak_flops_of_kind(device_kind: str) -> float:
+  """PEAK_FLOPS for a device kind (first key it starts with); 0.0 if unknown."""
+  for k, f in PEAK_FLOPS.items():
+    if device_kind.startswith(k):
+      return f
+  return 0.0
+
+
 def peak_flops(config) -> float:
   v = float(config.train.get("peak_flops_per_device", -1))
   if v >= 0:
     return v
-  kind = jax.devices()[0].device_kind
-  for k, f in PEAK_FLOPS.items():
-    if kind.startswith(k):
-      return f
-  return 0.0
+  return peak_flops_of_kind(jax.devices()[0].device_kind)
 
 
 def step_matmul_flops_per_device(traced) -> float:
   """Matmul FLOPs per device of one call of a traced jitted step (`jitted.trace(*args)`).
 
-  Counted on the traced program with loop trip counts (`models.flops.jaxpr_matmul_flops`):
+  Counted on the traced program with loop trip counts (`models.flops.jaxpr_matmul_flops`).
   XLA's `cost_analysis()` counts a scanned layer stack's body once (8 scanned layers of a
-  tiny LLaMA forward: 6.5 MFLOP against 47.9 MFLOP unrolled), so a scanned LLaMA-2-7B
-  step would read about 20 times too few FLOPs (one layer plus the LM head). The global count is split evenly over
-  the devices (the SPMD convention). Remat recompute is traced, so it counts.
+  tiny LLaMA forward: 6.5 MFLOP against 47.9 MFLOP unrolled), so a scanned LLaMA-2-7B step
+  would read about 20 times too few FLOPs (one layer plus the LM head). The global count is
+  split evenly over the devices (the SPMD convention). Remat recompute is traced, so it
+  counts.
   """
   flops, _ = jaxpr_matmul_flops(traced.jaxpr.jaxpr)
   return flops / jax.device_count()
