@@ -4,15 +4,17 @@
 which XLA's `cost_analysis()` does not do for a scanned layer stack). `lora_step_flops` is
 the model FLOPs of a LLaMA LoRA fine-tuning step, from the config alone.
 
-`lora_step_flops` counts 2 * M * N * K per matmul of what the step has to compute, and nothing else:
+`lora_step_flops` counts 2 * M * N * K per matmul of what the step has to compute, and
+nothing else:
 
 - forward: every projection, attention's Q K^T and P V over all T x T query-key pairs (the
   usual convention; a causal kernel that skips the masked half does less work than counted),
   the LM head on the positions that carry a loss;
 - backward: only the gradients something trainable needs. Frozen weights get no weight
   gradient. An activation gets an input gradient only where it depends on a trainable
-  parameter: the embeddings are frozen, so layer 0's q/k/v projections need no input
-  gradient, and where no LoRA sits on q/k/v the layer-0 attention needs no backward at all.
+  parameter: the embeddings are frozen (unless `input_live`), so layer 0's q/k/v
+  projections need no input gradient, and where no LoRA sits on q/k/v the layer-0
+  attention needs no backward at all.
   LoRA factors always get their weight gradients (dB = (x A)^T dy needs x A, dA = x^T (dy B^T)
   needs dy B^T) and an input gradient where their input is live;
 - no remat recompute (that is hardware FLOPs, not model FLOPs), no elementwise work.
