@@ -40,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from emo_jax.memory_plan import read_stats  # noqa: E402
 from emo_jax.models.flops import jaxpr_matmul_flops, lora_step_flops  # noqa: E402
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from emo_jax.models.lora import apply_lora, trainable_filter  # noqa: E402
@@ -80,14 +81,14 @@ def make_model_fn(cfg: LlamaConfig, rank: int, targets):
 
 
 def memory_stats(compiled) -> dict:
-  """XLA's buffer assignment of the compiled step, and the peak it implies (arguments +
-  outputs - donated aliases + temporaries), in bytes."""
-  m = compiled.memory_analysis()
-  if m is None:
+  """XLA's buffer assignment of the compiled step and the peak it implies, in bytes
+  (`memory_plan.read_stats`, keys without the `_bytes` suffix); {} on a backend without
+  memory_analysis()."""
+  try:
+    stats = read_stats(compiled)
+  except RuntimeError:
     return {}
-  st = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
-  st["peak"] = st["argument"] + st["output"] - st["alias"] + st["temp"]
-  return st
+  return {k.removesuffix("_bytes"): v for k, v in stats.items() if k.endswith("_bytes")}
 
 
 def main(argv=None):
@@ -113,6 +114,8 @@ def main(argv=None):
                   help="compile against abstract shapes and report XLA's memory plan and the "
                        "FLOP counts, without making weights or running (a CPU can plan 7B)")
   ap.add_argument("--out", default=str(bl.ROOT / "benchmarks" / "results"))
+  ap.add_argument("--tag", default="",
+                  help="appended to the result file names (keeps variants apart)")
   args = ap.parse_args(argv)
   d = DEFAULTS[args.shape]
   batch, seq = args.batch or d["batch"], args.seq or d["seq"]
@@ -162,7 +165,7 @@ def main(argv=None):
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   if args.plan_only:
-    stem = f"llama_mfu_{args.shape}_plan"
+    stem = f"llama_mfu_{args.shape}_plan{args.tag}"
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
     print(f"wrote {out / stem}.json")
@@ -203,7 +206,7 @@ def main(argv=None):
     "hfu": None if peak is None else traced_flops / step_s / peak,
   })
   print(json.dumps(res, indent=1), flush=True)
-  stem = f"llama_mfu_{args.shape}"
+  stem = f"llama_mfu_{args.shape}{args.tag}"
   (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
   pct = (lambda x: "n/a" if x is None else f"{100 * x:.1f}%")
   (out / f"{stem}.md").write_text("\n".join([
