@@ -2,7 +2,7 @@
 
     python benchmarks/bench_face_prior.py [--batch_size=8 --iters=5 --dtype=float32 --tiny]
 
-Times the jitted crops -> FacePriors function (the same one `input_pipeline.precompute_priors`
+Times the jitted crops -> FacePriors function (the same one `emo_jax.jobs.precompute_priors`
 uses) on random weights (speed does not depend on the values) and random normalised crops.
 Compile time is reported separately; throughput is the median over --iters timed calls after
 one warm-up. Writes benchmarks/results/face_prior.json and .md. Numbers taken on a shared
@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from emo_jax.models import facexformer as fx  # noqa: E402
-from input_pipeline.precompute_priors import PriorRunner  # noqa: E402
+from emo_jax.jobs.precompute_priors import PriorRunner  # noqa: E402
 
 
 def _random_model(cfg: fx.FaceXFormerConfig) -> fx.FaceXFormer:

@@ -17,7 +17,7 @@ Reported next to the machine's own limits: a measured fp32 2048^3 matmul through
 FLOP/s as a fraction of it) and a measured memory read bandwidth (decode steps/s as a fraction of
 the weight-streaming limit = bandwidth / bytes of weights + KV cache read per step).
 
-Model FLOPs of a LoRA step: `emo_jax.models.flops.lora_step_flops`, the matmuls the step must
+Model FLOPs of a LoRA step: `emo_jax.perf.flops.lora_step_flops`, the matmuls the step must
 compute (frozen weights get no weight gradient, layer 0's q/k/v no input gradient, attention
 counted over all T x T pairs, no remat recompute); tests/test_flops.py checks it against the
 matmuls autodiff traces.
@@ -43,7 +43,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import emo_jax  # noqa: E402,F401
-from emo_jax.models.flops import lora_step_flops  # noqa: E402
+from emo_jax.perf.flops import lora_step_flops  # noqa: E402
 from emo_jax.models.generation import generate  # noqa: E402
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from emo_jax.models.lora import apply_lora, trainable_filter  # noqa: E402

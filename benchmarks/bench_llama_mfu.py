@@ -12,7 +12,7 @@ library's chunked LM-head cross entropy, AdamW on the LoRA factors only. Weights
 and made on the device inside one jit (no host copy of 13 GB).
 
 Reported:
-- model TFLOP/s = `emo_jax.models.flops.lora_step_flops` / step time (what the step must
+- model TFLOP/s = `emo_jax.perf.flops.lora_step_flops` / step time (what the step must
   compute; no remat recompute, attention over all T x T pairs);
 - MFU = model TFLOP/s / the device's peak dense bf16 FLOP/s (spec-sheet table
   `emo_jax.train.loop.PEAK_FLOPS`, or `--peak-tflops`);
@@ -40,8 +40,8 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from emo_jax.memory_plan import read_stats  # noqa: E402
-from emo_jax.models.flops import jaxpr_matmul_flops, lora_step_flops  # noqa: E402
+from emo_jax.perf.memory_plan import read_stats  # noqa: E402
+from emo_jax.perf.flops import jaxpr_matmul_flops, lora_step_flops  # noqa: E402
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from emo_jax.models.lora import apply_lora, trainable_filter  # noqa: E402
 from emo_jax.train.loop import peak_flops_of_kind  # noqa: E402

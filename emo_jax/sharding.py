@@ -194,3 +194,55 @@ def init_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nn
   shardings = state_shardings(abs_state, mesh, rules)
   state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
   return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------------------
+# Train state and batches.
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dim over ('data', 'fsdp'); everything else replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
+  """NamedSharding per array of an (abstract) pytree of nnx Variables / arrays.
+
+  Variables follow their logical axes (optimizer moments keep their param's metadata, so
+  they mirror it), plain arrays are replicated. Variables holding no array (optax
+  MaskedNode of multi_transform's other groups) are kept as they are: they have no leaves.
+  """
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      if not jax.tree.leaves(x):
+        return x
+      return state_shardings({"v": x}, mesh, rules)["v"]
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_and_frozen_shardings(state: Any, frozen: Any, mesh: Mesh, rules: Rules):
+  """NamedShardings for a (possibly abstract) train state and the frozen state."""
+  return tree_shardings(state, mesh, rules), tree_shardings(frozen, mesh, rules)
+
+
+def to_global_batch(batch: Any, mesh: Mesh, spec: Any = None) -> dict:
+  """Process-local numpy batch -> global jax.Arrays sharded over the mesh's batch axes.
+
+  `spec` is a PartitionSpec for every leaf (default: `batch_sharding`'s, batch over the
+  data and fsdp axes, the rest replicated) or a mapping key -> PartitionSpec. An array
+  that appears under two keys (`face_crops` aliasing `frames`) is transferred once.
+  """
+  if spec is None:
+    spec = PartitionSpec(("data", "fsdp"))
+  out = {}
+  placed: dict[tuple[int, Any], str] = {}  # (id of a numpy array, spec) -> its key
+  for key, value in batch.items():
+    s = spec[key] if isinstance(spec, dict) else spec
+    seen = placed.get((id(value), s))
+    if seen is not None and batch[seen] is value:
+      out[key] = out[seen]
+      continue
+    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, s), np.asarray(value))
+    placed[(id(value), s)] = key
+  return out

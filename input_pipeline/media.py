@@ -35,17 +35,10 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 from PIL import Image, ImageOps
 
+from input_pipeline.contract import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from input_pipeline.datasets._common import natural_sorted
 from input_pipeline.records import BadInputError, Record
 
-# Equal copies live in emo_jax.models.pixels (which normalises the batch on the device); the
-# input pipeline does not import emo_jax. tests/test_media.py checks they are the same.
-# CLIP / EVA-CLIP image processor statistics (LLaMA-VID's ViT input).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# ImageNet statistics (FaceXFormer and most face networks).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ---------------------------------------------------------------------------------------
 # Images

@@ -28,7 +28,7 @@ example shifts later batches (batches stay full), identical in a restored run;
 `global_batch_size` is split evenly over processes.
 
 Frozen-prior mode (`PipelineConfig.priors_dir`, issue 7): the face prior network is frozen,
-so `input_pipeline.precompute_priors` runs it once per sample and stores its outputs by
+so `emo_jax.jobs.precompute_priors` runs it once per sample and stores its outputs by
 `Record.id`. With `priors_dir` set, the builder looks each example up in that `PriorStore`
 (a missing id is the counted skip 'missing_priors'; strict: an error) and puts
 `face_global` / `face_local` [F, G|L, Cf] into the batch instead of `face_crops` (no face
@@ -55,9 +55,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
+from input_pipeline import contract
 from input_pipeline import instructions as instructions_lib
 from input_pipeline import media as media_lib
 from input_pipeline import template as template_lib
+from input_pipeline.prior_store import PriorStore
 from input_pipeline.records import BadInputError, Record, SkipCounter
 from input_pipeline.tokenizers import BertTokenizer, LlamaTokenizer
 
@@ -100,7 +102,7 @@ class PipelineConfig:
     agr_prompt: put the AGR sentence built from the stored priors into the first user turn
       (needs `priors_dir`; pre-extracted elements that carry an `agr_sentence` use it
       regardless, as before).
-    agr_template: the AGR sentence template (None: emo_jax.models.face.AGR_TEMPLATE); must
+    agr_template: the AGR sentence template (None: contract.AGR_TEMPLATE); must
       equal the model's `EmoLlamaConfig.agr_template`.
   """
   global_batch_size: int = 8
@@ -139,7 +141,7 @@ class PipelineConfig:
       raise ValueError(f"aspect must be one of {media_lib.ASPECTS}, got {self.aspect!r}")
     if self.agr_prompt and not self.priors_dir:
       raise ValueError("agr_prompt takes the AGR sentence from precomputed priors: set "
-                       "priors_dir (see input_pipeline.precompute_priors)")
+                       "priors_dir (see emo_jax.jobs.precompute_priors)")
 
   @property
   def num_visual_slots(self) -> int:
@@ -191,7 +193,6 @@ class ExampleBuilder:
     self.template = template_lib.get_template(config.template)
     self.priors = None
     if config.priors_dir:
-      from input_pipeline.precompute_priors import PriorStore  # pylint: disable=g-import-not-at-top
       self.priors = PriorStore(config.priors_dir)
 
   # -- media ---------------------------------------------------------------------------
@@ -222,11 +223,10 @@ class ExampleBuilder:
   def _agr_from_priors(self, priors: Mapping[str, Any], n_real: int, record: Record) -> str:
     """The AGR sentence from the logits of the real frames (mean over frames, then argmax:
     what EmoLlama.agr_sentences does with the frame mask)."""
-    from emo_jax.models import face as face_lib  # pylint: disable=g-import-not-at-top
-    idx = face_lib.agr_indices(*(np.asarray(priors[k])[None, :n_real] for k in
+    idx = contract.agr_indices(*(np.asarray(priors[k])[None, :n_real] for k in
                                  ("age_logits", "gender_logits", "race_logits")))[0]
     still = record.media_type in ("image", "pixels")
-    return face_lib.agr_sentence(*idx, template=self.config.agr_template or face_lib.AGR_TEMPLATE,
+    return contract.agr_sentence(*idx, template=self.config.agr_template or contract.AGR_TEMPLATE,
                                  media="image" if still else "video")
 
   # -- the example ---------------------------------------------------------------------
@@ -317,7 +317,7 @@ class ExampleBuilder:
 def face_crop_items(source: Sequence[Record] | Any, config: PipelineConfig, *,
                     skips: SkipCounter | None = None) -> Iterator[tuple[str, np.ndarray]]:
   """(record id, face crops uint8 [F, face_size, face_size, 3]) per element of `source`,
-  for `precompute_priors.precompute_priors` (its PriorRunner normalises uint8 crops on the
+  for `emo_jax.jobs.precompute_priors` (its PriorRunner normalises uint8 crops on the
   device with the model's own function).
 
   Decoded and resized exactly as ExampleBuilder makes `face_crops` (same frame sampling
@@ -555,34 +555,3 @@ def make_dataset(
 def make_iterator(*args, **kwargs) -> grain.DatasetIterator:
   """`iter(make_dataset(...))`: a checkpointable grain DatasetIterator of batches."""
   return iter(make_dataset(*args, **kwargs))
-
-
-# ---------------------------------------------------------------------------------------
-# Host -> global arrays.
-
-
-def to_global_batch(batch: Mapping[str, np.ndarray], mesh, spec=None) -> dict:
-  """Process-local batch -> global jax.Arrays sharded over the mesh's batch axes.
-
-  Args:
-    batch: this process's numpy batch (leading dim = local batch).
-    mesh: a jax.sharding.Mesh.
-    spec: a PartitionSpec for every leaf (default P(('data', 'fsdp')): batch over the
-      data and fsdp axes, the rest replicated), or a mapping key -> PartitionSpec.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-
-  if spec is None:
-    spec = PartitionSpec(("data", "fsdp"))
-  out = {}
-  placed: dict[tuple[int, Any], str] = {}  # (id of a numpy array, spec) -> its key
-  for key, value in batch.items():
-    s = spec[key] if isinstance(spec, Mapping) else spec
-    seen = placed.get((id(value), s))
-    if seen is not None and batch[seen] is value:  # face_crops aliasing frames: send once
-      out[key] = out[seen]
-      continue
-    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, s), np.asarray(value))
-    placed[(id(value), s)] = key
-  return out

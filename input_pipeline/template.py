@@ -30,10 +30,8 @@ from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
+from input_pipeline.contract import IMAGE_TOKEN, IMAGE_TOKEN_ID
 from input_pipeline.records import BadInputError
-
-IMAGE_TOKEN = "<image>"
-IMAGE_TOKEN_ID = -200  # docs/INTERFACES.md; LLaVA's IMAGE_TOKEN_INDEX.
 
 
 class TextTokenizer(Protocol):

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_llama_mfu  # noqa: E402
 
-from emo_jax.models.flops import lora_step_flops  # noqa: E402
+from emo_jax.perf.flops import lora_step_flops  # noqa: E402
 from emo_jax.models.llama import LlamaConfig  # noqa: E402
 
 

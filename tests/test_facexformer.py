@@ -22,7 +22,8 @@ from emo_jax.models import face as face_lib
 from emo_jax.models import facexformer as fx
 from emo_jax.models import pixels
 from emo_jax.models.face_prior import FacePriors
-from input_pipeline import precompute_priors as pp
+from emo_jax.jobs import precompute_priors as pp
+from input_pipeline.prior_store import PriorStore
 
 CFG = fx.tiny_config(segmentation=True)
 BATCH = 3
@@ -318,7 +319,7 @@ def test_precomputed_priors_equal_online(setup, tmp_path):
   items = [(f"rec{i}", rng.integers(0, 256, (f, 64, 64, 3), dtype=np.uint8))
            for i, f in enumerate((2, 1, 3, 1))]
   pp.precompute_priors(runner, items, str(tmp_path), num_shards=2)
-  store = pp.PriorStore(str(tmp_path))
+  store = PriorStore(str(tmp_path))
   assert len(store) == 4 and sorted(store.ids()) == [r for r, _ in items]
   for rid, crops in items:
     got = store[rid]

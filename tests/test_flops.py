@@ -1,10 +1,10 @@
-"""The LoRA-step FLOP count (emo_jax.models.flops) against the matmuls autodiff traces."""
+"""The LoRA-step FLOP count (emo_jax.perf.flops) against the matmuls autodiff traces."""
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from emo_jax.models.flops import jaxpr_matmul_flops, lora_step_flops, lora_targets_per_layer
+from emo_jax.perf.flops import jaxpr_matmul_flops, lora_step_flops, lora_targets_per_layer
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from emo_jax.models.lora import apply_lora, trainable_filter
 from emo_jax.xla_options import train_compiler_options

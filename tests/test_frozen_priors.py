@@ -9,7 +9,8 @@ from flax import nnx
 
 from emo_jax.models import emo_llama
 from input_pipeline import datasets, media, pipeline, synthetic, tokenizers
-from input_pipeline import precompute_priors as pp
+from emo_jax.jobs import precompute_priors as pp
+from input_pipeline.prior_store import PriorStore
 from input_pipeline.records import BadInputError, SkipCounter
 from tests.test_tokenizers_template import BERT_VOCAB, train_sentencepiece
 
@@ -164,7 +165,7 @@ def test_agr_prompt_needs_priors_dir(setup):
 
 
 def test_cli_from_records_matches_the_api(setup, tmp_path, monkeypatch):
-  """`python -m input_pipeline.precompute_priors --dataset=...` (the prior network loader
+  """`python -m emo_jax.jobs.precompute_priors --dataset=...` (the prior network loader
   replaced by the model's tiny prior) stores what face_crop_items + precompute_priors store."""
   from emo_jax.convert import facexformer as convert
   s = setup
@@ -176,10 +177,10 @@ def test_cli_from_records_matches_the_api(setup, tmp_path, monkeypatch):
                 f"--face_size={s['cfg'].face_size}", "--checkpoint=unused", f"--out_dir={out}",
                 "--batch_size=4"])
   assert rc == 0
-  cli, api = pp.PriorStore(out), pp.PriorStore(s["priors_dir"])
+  cli, api = PriorStore(out), PriorStore(s["priors_dir"])
   train_ids = {r.id for r in s["records"] if r.split == "train"}
   assert set(cli.ids()) == train_ids and len(train_ids) < len(api)
   for rid in train_ids:
     for key in ("face_global", "face_local", "age_logits"):
       np.testing.assert_allclose(cli[rid][key], api[rid][key], atol=1e-6, err_msg=f"{rid} {key}")
-  assert pp.main(["--checkpoint=x", f"--out_dir={out}"]) == 1  # neither --shards nor --dataset
+  assert pp.main(["--checkpoint=x", f"--out_dir={out}"]) == 2  # neither --shards nor --dataset

@@ -205,12 +205,6 @@ def test_normalisation_matches_transformers_clip_processor():
   np.testing.assert_allclose(face, want, atol=1e-5)
 
 
-def test_statistics_equal_the_models_copies():
-  from emo_jax.models import pixels
-  assert media.CLIP_MEAN == pixels.CLIP_MEAN and media.CLIP_STD == pixels.CLIP_STD
-  assert media.IMAGENET_MEAN == pixels.IMAGENET_MEAN and media.IMAGENET_STD == pixels.IMAGENET_STD
-
-
 def _old_geometry(frames, size, aspect, fill=None):
   """The geometry as preprocess applied it before (a new array per resized frame)."""
   out = []

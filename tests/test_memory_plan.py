@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emo_jax import memory_plan as mp
+from emo_jax.perf import memory_plan as mp
 from emo_jax import sharding as sharding_lib
-from emo_jax.models.flops import jaxpr_matmul_flops
+from emo_jax.perf.flops import jaxpr_matmul_flops
 
 
 def tiny_program(**kw):

@@ -292,29 +292,6 @@ def test_collate_pads_to_the_smallest_bucket():
     pipeline.PipelineConfig(max_length=300, bucket_lengths=(128, 256))
 
 
-def test_to_global_batch_shards_over_data_axes():
-  import jax
-  from jax.sharding import Mesh, PartitionSpec as P
-
-  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
-  batch = {"input_ids": np.arange(8 * 5, dtype=np.int32).reshape(8, 5),
-           "frames": np.random.default_rng(0).normal(size=(8, 2, 4, 4, 3)).astype(np.float32)}
-  out = pipeline.to_global_batch(batch, mesh)
-  for k, v in batch.items():
-    assert out[k].shape == v.shape
-    np.testing.assert_array_equal(np.asarray(out[k]), v)
-    assert out[k].sharding.spec == P(("data", "fsdp"))
-    # Each device holds a quarter of the batch (replicated over 'tensor').
-    assert {s.data.shape[0] for s in out[k].addressable_shards} == {2}
-  # uint8 pixels; a key aliasing another's array (face_crops = frames) is placed once.
-  frames = np.random.default_rng(1).integers(0, 256, (8, 2, 4, 4, 3), dtype=np.uint8)
-  out = pipeline.to_global_batch({"frames": frames, "face_crops": frames,
-                                  "other": frames.copy()}, mesh)
-  assert out["face_crops"] is out["frames"] and out["other"] is not out["frames"]
-  assert out["frames"].dtype == np.uint8
-  np.testing.assert_array_equal(np.asarray(out["other"]), frames)
-
-
 def test_config_errors_fail_early_and_all_bad_data_stops(toks, data):
   llama, bert = toks
   good, bad = data

@@ -111,3 +111,25 @@ def test_sharded_forward_and_train_step_match_single_device(tmp_path):
   assert abs(l1 - l2) < 1e-5
   for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(t2)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_to_global_batch_shards_over_data_axes():
+  from jax.sharding import Mesh
+
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+  batch = {"input_ids": np.arange(8 * 5, dtype=np.int32).reshape(8, 5),
+           "frames": np.random.default_rng(0).normal(size=(8, 2, 4, 4, 3)).astype(np.float32)}
+  out = shd.to_global_batch(batch, mesh)
+  for k, v in batch.items():
+    assert out[k].shape == v.shape
+    np.testing.assert_array_equal(np.asarray(out[k]), v)
+    assert out[k].sharding.spec == P(("data", "fsdp"))
+    # Each device holds a quarter of the batch (replicated over 'tensor').
+    assert {s.data.shape[0] for s in out[k].addressable_shards} == {2}
+  # uint8 pixels; a key aliasing another's array (face_crops = frames) is placed once.
+  frames = np.random.default_rng(1).integers(0, 256, (8, 2, 4, 4, 3), dtype=np.uint8)
+  out = shd.to_global_batch({"frames": frames, "face_crops": frames,
+                           "other": frames.copy()}, mesh)
+  assert out["face_crops"] is out["frames"] and out["other"] is not out["frames"]
+  assert out["frames"].dtype == np.uint8
+  np.testing.assert_array_equal(np.asarray(out["other"]), frames)

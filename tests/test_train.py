@@ -143,8 +143,8 @@ def test_mesh_2x2x2_step_equals_single_device():
 
   mesh = sharding_lib.make_mesh((2, 2, 2))
   rules = sharding_lib.RULES_FSDP_TP
-  s_sh, f_sh = step_lib.state_and_frozen_shardings(state, frozen, mesh, rules)
-  d_sh = step_lib.batch_sharding(mesh)
+  s_sh, f_sh = sharding_lib.state_and_frozen_shardings(state, frozen, mesh, rules)
+  d_sh = sharding_lib.batch_sharding(mesh)
   sstate = jax.device_put(state, s_sh)
   sfrozen = jax.device_put(frozen, f_sh)
   sb = jax.device_put(b, d_sh)

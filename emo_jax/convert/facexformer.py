@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emo_jax.models import facexformer as fx
 from emo_jax.models import swin as swin_lib
 
 # torchvision swin key (without prefix) -> our path inside SwinTransformer.
@@ -296,7 +297,6 @@ def load_into(model, path: str | os.PathLike, *, allow_pickle: bool = False) -> 
 
 def load_facexformer(path: str | os.PathLike, config=None, *, allow_pickle: bool = False):
   """Build a `FaceXFormer(config)` (no random init: shape-only, then filled) from `path`."""
-  from emo_jax.models import facexformer as fx
   model = fx.abstract_model(config or fx.FaceXFormerConfig())
   load_into(model, path, allow_pickle=allow_pickle)
   return model

@@ -7,7 +7,9 @@
 """
 from __future__ import annotations
 
-import importlib
+from typing import TYPE_CHECKING
+
+from emo_jax._lazy import lazy_exports
 
 _EXPORTS = {
     "load_llama": "emo_jax.convert.llama_hf",
@@ -24,8 +26,12 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+if TYPE_CHECKING:  # the names for type checkers and IDEs; loaded lazily at run time
+  from emo_jax.convert.bundle import load_bundle, save_bundle
+  from emo_jax.convert.eva import load_eva_vit
+  from emo_jax.convert.llama_hf import load_llama, load_peft_adapter, save_llama, save_peft_adapter
+  from emo_jax.convert.llama_vid import load_llama_vid
+  from emo_jax.convert.vision_hf import load_clip_vision, load_instructblip_qformer
 
-def __getattr__(name):
-  if name in _EXPORTS:
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

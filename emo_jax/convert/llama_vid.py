@@ -36,6 +36,7 @@ from emo_jax.convert.eva import eva_config_from_state_dict, eva_from_state_dict,
 from emo_jax.convert.llama_hf import load_llama
 from emo_jax.convert.safetensors_io import CheckpointError, CheckpointReader
 from emo_jax.convert.vision_hf import qformer_config_from_state_dict, qformer_from_state_dict
+from emo_jax.models import lora
 from emo_jax.models.emo_llama import EmoLlama, EmoLlamaConfig, _build_face_prior
 from emo_jax.models.face import FaceInfoMining
 
@@ -185,7 +186,6 @@ def assemble(config: EmoLlamaConfig, *, seed: int = 0, **parts: Any) -> EmoLlama
   if "face_prior" not in parts:
     model.face_prior = _build_face_prior(config, rngs)
   if config.lora_rank > 0:
-    from emo_jax.models import lora
     kw = {} if config.lora_targets is None else {"targets": config.lora_targets}
     lora.apply_lora(model.language_model, rank=config.lora_rank, alpha=config.lora_alpha,
                     rngs=rngs, **kw)

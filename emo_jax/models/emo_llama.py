@@ -46,16 +46,18 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.models import face as face_lib
+from emo_jax.models import facexformer, generation, lora
 from emo_jax.models import pixels as pixels_lib
-from emo_jax.models.face import AGR_TEMPLATE, FaceInfoMining, FaceMiningConfig
+from emo_jax.models.face import FaceInfoMining, FaceMiningConfig
 from emo_jax.models.face_prior import FacePriors, TinyFacePrior, TinyFacePriorConfig
 from emo_jax.models.layers import DEFAULT_CHUNK
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from emo_jax.models.qformer import QFormerConfig, QFormerModel
 from emo_jax.models.vit import VisionConfig, VisionTransformer
+from emo_jax.models.module import Module
 from emo_jax.sharding import constrain
+from input_pipeline.contract import AGR_TEMPLATE, IMAGE_TOKEN_ID
 
-IMAGE_TOKEN_ID = -200
 FACE_PRIORS = ("tiny", "facexformer", "precomputed")
 
 # Parameter groups (regex over '/'-joined parameter paths). 'lora' is the LoRA parameters
@@ -339,7 +341,7 @@ def param_groups(model: nnx.Module) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- modules
 
 
-class MMProjector(nnx.Module):
+class MMProjector(Module):
   """LLaMA-VID `mlp2x_gelu`: Linear(Cv -> D), exact GELU, Linear(D -> D)."""
 
   def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs):
@@ -357,7 +359,6 @@ def _build_face_prior(config: EmoLlamaConfig, rngs: nnx.Rngs):
     return None
   if config.face_prior == "tiny":
     return TinyFacePrior(config.tiny_face_prior, rngs=rngs)
-  from emo_jax.models import facexformer  # the real network; separate module, same interface
   cfg = facexformer.FaceXFormerConfig(**dict(config.facexformer or {}))
   if cfg.feature_dim != config.face.face_dim:
     raise ValueError(f"face.face_dim {config.face.face_dim} != FaceXFormer feature width "
@@ -365,7 +366,7 @@ def _build_face_prior(config: EmoLlamaConfig, rngs: nnx.Rngs):
   return facexformer.FaceXFormer(cfg, rngs=rngs)
 
 
-class EmoLlama(nnx.Module):
+class EmoLlama(Module):
   """The whole EMO-LLaMA model. Parameter names follow LLaMA-VID (`vlm_att_*`, `mm_projector`)."""
 
   def __init__(self, config: EmoLlamaConfig, *, rngs: nnx.Rngs):
@@ -393,7 +394,6 @@ class EmoLlama(nnx.Module):
     self.face_mining = FaceInfoMining(config.face, rngs=rngs) if config.use_face else None
     self.language_model = LlamaForCausalLM(config.llm, rngs=rngs)
     if config.lora_rank > 0:
-      from emo_jax.models import lora
       kw = {} if config.lora_targets is None else {"targets": config.lora_targets}
       lora.apply_lora(self.language_model, rank=config.lora_rank, alpha=config.lora_alpha,
                       rngs=rngs, **kw)
@@ -557,7 +557,6 @@ class EmoLlama(nnx.Module):
   def generate(self, batch: Mapping[str, Any], *, max_new_tokens: int, eos_token_id,
                pad_token_id: int, sampling=None, rng=None) -> jax.Array:
     """Generated ids int32 [B, max_new_tokens] from a left-padded multimodal prompt."""
-    from emo_jax.models import generation
     embeds, mask = self.embed_multimodal(batch)
     kw = {} if sampling is None else {"sampling": sampling}
     return generation.generate(self.language_model, inputs_embeds=embeds, attention_mask=mask,

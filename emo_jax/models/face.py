@@ -11,7 +11,8 @@ Not stated in the paper (no code released), hence our choices, all config fields
 - the queries are either K learned vectors (`query_mode='learned'`) or the Q-Former's
   text-conditioned query outputs (`query_mode='qformer'`): the Q queries are averaged in K
   contiguous groups (K must divide Q) and projected 768 -> hidden_dim by `query_proj`;
-- the AGR sentence wording (`AGR_TEMPLATE`) is ours; the paper's wording is unknown.
+- the AGR sentence wording (`input_pipeline.contract.AGR_TEMPLATE`) is ours; the paper's
+  wording is unknown.
 """
 from __future__ import annotations
 
@@ -23,10 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emo_jax.models.face_prior import AGE_BINS, GENDERS, RACES, FacePriors
-
-AGR_TEMPLATE = ("The person in the {media} appears to be a {gender} aged {age}, "
-                "of {race} appearance.")
+from emo_jax.models.face_prior import FacePriors
+from emo_jax.models.module import Module
+from input_pipeline.contract import AGR_TEMPLATE, agr_indices, agr_sentence, agr_sentences_from_indices
 
 QUERY_MODES = ("learned", "qformer")
 
@@ -68,7 +68,7 @@ def _linear(i: int, o: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
   return nnx.Linear(i, o, use_bias=use_bias, rngs=rngs, kernel_metadata={"out_sharding": axes})
 
 
-class FaceInfoMining(nnx.Module):
+class FaceInfoMining(Module):
   """Queries cross-attend over concat(global, local) face features -> K tokens -> D_llm."""
 
   def __init__(self, config: FaceMiningConfig, *, rngs: nnx.Rngs):
@@ -133,45 +133,8 @@ class FaceInfoMining(nnx.Module):
     return self(priors.global_feats, priors.local_feats, qformer_queries)
 
 
-def agr_sentence(age_idx: int, gender_idx: int, race_idx: int, template: str = AGR_TEMPLATE,
-                 media: str = "image") -> str:
-  """Fill the AGR template with label names (template fields: {media} {age} {gender} {race}).
-
-  The EMO-LLaMA paper places such a sentence in the user turn but does not publish its
-  wording; the default template is ours.
-  """
-  for name, idx, table in (("age", age_idx, AGE_BINS), ("gender", gender_idx, GENDERS),
-                           ("race", race_idx, RACES)):
-    if not 0 <= int(idx) < len(table):
-      raise ValueError(f"{name} index {idx} out of range [0, {len(table)})")
-  return template.format(media=media, age=AGE_BINS[int(age_idx)],
-                         gender=GENDERS[int(gender_idx)], race=RACES[int(race_idx)])
-
-
-def agr_indices(age_logits, gender_logits, race_logits, frame_mask=None) -> np.ndarray:
-  """Argmax AGR labels per sample from per-frame logits [B, F, n] (or [B, n]).
-
-  With frames, the logits are averaged over the real frames (`frame_mask` [B, F]; our
-  choice) before the argmax. Returns int [B, 3] = (age, gender, race).
-  """
-  out = []
-  for logits in (age_logits, gender_logits, race_logits):
-    logits = np.asarray(logits, np.float32)
-    if logits.ndim == 3:
-      mask = (np.ones(logits.shape[:2], bool) if frame_mask is None
-              else np.asarray(frame_mask, bool))
-      if not mask.any(axis=1).all():
-        raise ValueError("every sample needs at least one real frame for its AGR prediction")
-      logits = (logits * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
-    out.append(logits.argmax(-1))
-  return np.stack(out, axis=-1)
-
-
 def agr_sentences(priors: FacePriors, frame_mask=None, template: str = AGR_TEMPLATE,
                   media: str | Sequence[str] = "image") -> list[str]:
   """One AGR sentence per sample from FacePriors with [B, F, ...] (or [B, ...]) logits."""
   idx = agr_indices(priors.age_logits, priors.gender_logits, priors.race_logits, frame_mask)
-  medias = [media] * len(idx) if isinstance(media, str) else list(media)
-  if len(medias) != len(idx):
-    raise ValueError(f"{len(medias)} media names for {len(idx)} samples")
-  return [agr_sentence(a, g, r, template, m) for (a, g, r), m in zip(idx, medias)]
+  return agr_sentences_from_indices(idx, template, media)

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-AGE_BINS: tuple[str, ...] = ("0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+")
-GENDERS: tuple[str, ...] = ("male", "female")
-RACES: tuple[str, ...] = ("white", "black", "indian", "asian", "others")
+from emo_jax.models.module import Module
+from input_pipeline.contract import AGE_BINS, GENDERS, RACES
+
 NUM_LANDMARKS = 68
 
 
@@ -109,7 +109,7 @@ def sample_bilinear(fmap: jax.Array, points: jax.Array) -> jax.Array:
   return top * (1 - wy)[..., None] + bot * wy[..., None]
 
 
-class TinyFacePrior(nnx.Module):
+class TinyFacePrior(Module):
   """A small conv net with the FacePriors interface (our design; used frozen).
 
   crops [N, S, S, 3] -> stride-2 convs (GELU) -> feature map [N, h, w, Cf];

@@ -41,8 +41,9 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.models import swin as swin_lib
-from emo_jax.models.face_prior import AGE_BINS, GENDERS, NUM_LANDMARKS, RACES, FacePriors
-from emo_jax.models.face_prior import sample_bilinear
+from emo_jax.models.face_prior import NUM_LANDMARKS, FacePriors, sample_bilinear
+from emo_jax.models.module import Module
+from input_pipeline.contract import AGE_BINS, GENDERS, RACES
 
 # (task token name, head output size), in the decoder's token order (paper/code fact).
 TASKS: tuple[tuple[str, int], ...] = (
@@ -166,7 +167,7 @@ def _linear(din: int, dout: int, rngs: nnx.Rngs, dtype, use_bias: bool = True) -
   return swin_lib.linear(din, dout, rngs=rngs, dtype=dtype, use_bias=use_bias)
 
 
-class NeckMLP(nnx.Module):
+class NeckMLP(Module):
   """`linear_c.{i}`: a per-pixel Linear C_i -> decoder width (`proj`)."""
 
   def __init__(self, din: int, dout: int, *, dtype, rngs: nnx.Rngs):
@@ -176,7 +177,7 @@ class NeckMLP(nnx.Module):
     return self.proj(x)
 
 
-class PositionEmbeddingRandom(nnx.Module):
+class PositionEmbeddingRandom(Module):
   """SAM's random-Fourier position encoding; the Gaussian matrix is a loaded buffer."""
 
   def __init__(self, num_pos_feats: int, *, rngs: nnx.Rngs):
@@ -193,7 +194,7 @@ class PositionEmbeddingRandom(nnx.Module):
     return jnp.concatenate([jnp.sin(coords), jnp.cos(coords)], axis=-1)
 
 
-class DecoderAttention(nnx.Module):
+class DecoderAttention(Module):
   """SAM `Attention`: q/k/v projected to dim // downsample_rate, split into heads, out_proj."""
 
   def __init__(self, dim: int, heads: int, downsample_rate: int = 1, *, dtype, rngs: nnx.Rngs):
@@ -214,7 +215,7 @@ class DecoderAttention(nnx.Module):
     return self.out_proj(out.reshape(out.shape[:-2] + (-1,)))
 
 
-class MLPBlock(nnx.Module):
+class MLPBlock(Module):
   """`mlp.lin1` -> ReLU -> `mlp.lin2` (TwoWayTransformer's default activation is ReLU)."""
 
   def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
@@ -225,7 +226,7 @@ class MLPBlock(nnx.Module):
     return self.lin2(jax.nn.relu(self.lin1(x)))
 
 
-class TwoWayAttentionBlock(nnx.Module):
+class TwoWayAttentionBlock(Module):
   """Token self-attn, token->image cross-attn, token MLP, image->token cross-attn (post-norm)."""
 
   def __init__(self, cfg: FaceXFormerConfig, skip_first_layer_pe: bool, *, rngs: nnx.Rngs):
@@ -255,7 +256,7 @@ class TwoWayAttentionBlock(nnx.Module):
     return queries, keys
 
 
-class TwoWayTransformer(nnx.Module):
+class TwoWayTransformer(Module):
   """SAM's two-way decoder: `layers`, `final_attn_token_to_image`, `norm_final_attn`."""
 
   def __init__(self, cfg: FaceXFormerConfig, *, rngs: nnx.Rngs):
@@ -276,7 +277,7 @@ class TwoWayTransformer(nnx.Module):
     return self.norm_final_attn(queries + attn), keys
 
 
-class PredictionHead(nnx.Module):
+class PredictionHead(Module):
   """FaceXFormer `MLP`: `layers.{0..n-1}` Linears with ReLU between."""
 
   def __init__(self, din: int, hidden: int, dout: int, num_layers: int = 3, *, dtype,
@@ -292,7 +293,7 @@ class PredictionHead(nnx.Module):
     return x
 
 
-class ConvTranspose2x2(nnx.Module):
+class ConvTranspose2x2(Module):
   """torch ConvTranspose2d(kernel 2, stride 2); `weight` kept in torch layout [in, out, 2, 2]."""
 
   def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs):
@@ -305,7 +306,7 @@ class ConvTranspose2x2(nnx.Module):
     return y.reshape(n, 2 * h, 2 * w, -1) + self.bias[...].astype(x.dtype)
 
 
-class OutputUpscaling(nnx.Module):
+class OutputUpscaling(Module):
   """`output_upscaling`: deconv (0) -> LayerNorm2d (1) -> GELU -> deconv (3) -> GELU."""
 
   def __init__(self, dim: int, *, rngs: nnx.Rngs):
@@ -318,7 +319,7 @@ class OutputUpscaling(nnx.Module):
     return jax.nn.gelu(self.deconv2(x), approximate=False)
 
 
-class FaceDecoder(nnx.Module):
+class FaceDecoder(Module):
   """`face_decoder`: task + mask tokens through the two-way transformer, then the heads."""
 
   def __init__(self, cfg: FaceXFormerConfig, *, rngs: nnx.Rngs):
@@ -343,7 +344,7 @@ class FaceDecoder(nnx.Module):
                            + [self.mask_tokens[...]], axis=0)
 
 
-class FaceXFormer(nnx.Module):
+class FaceXFormer(Module):
   """`__call__(crops [N, S, S, 3] ImageNet-normalised) -> FacePriors`; `forward` gives all."""
 
   def __init__(self, config: FaceXFormerConfig, *, rngs: nnx.Rngs):

@@ -27,6 +27,7 @@ from emo_jax.models.layers import (DEFAULT_CHUNK, RMSNorm, apply_rotary,
                                    linear_cross_entropy,
                                    make_attention_mask, rope_cos_sin, rope_inv_freq)
 from emo_jax.models.layers.rotary import rope_type
+from emo_jax.models.module import Module
 from emo_jax.sharding import constrain
 
 Cache = dict[str, jax.Array]
@@ -182,7 +183,7 @@ def _linear(cfg: LlamaConfig, d_in: int, d_out: int, names: tuple[str, str], bia
                     rngs=rngs, **kw)
 
 
-class LlamaAttention(nnx.Module):
+class LlamaAttention(Module):
   """Multi-head / grouped-query self-attention with RoPE (HF `LlamaAttention` names)."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
@@ -232,7 +233,7 @@ class LlamaAttention(nnx.Module):
     return self.o_proj(out), new_kv
 
 
-class LlamaMLP(nnx.Module):
+class LlamaMLP(Module):
   """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x))."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
@@ -246,7 +247,7 @@ class LlamaMLP(nnx.Module):
     return self.down_proj(constrain(h, ("batch", "length", "mlp")))
 
 
-class LlamaDecoderLayer(nnx.Module):
+class LlamaDecoderLayer(Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.dtype,
                                    param_dtype=cfg.param_dtype)
@@ -270,7 +271,7 @@ def _remat_policy(name: str):
   }[name]
 
 
-class LlamaModel(nnx.Module):
+class LlamaModel(Module):
   """Embeddings + decoder stack + final norm (HF `LlamaModel`, path prefix `model.`)."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
@@ -381,7 +382,7 @@ class LlamaModel(nnx.Module):
     return h, kv
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(Module):
   """Decoder + LM head (HF `LlamaForCausalLM`). Logits are returned in fp32."""
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):

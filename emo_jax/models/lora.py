@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emo_jax.models.module import Module
 from emo_jax.sharding import variable_logical_axes
 
 DEFAULT_TARGETS: tuple[str, ...] = (
   "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class LoRALinear(nnx.Module):
+class LoRALinear(Module):
   """An `nnx.Linear` (same `kernel` / `bias` Variables) plus a low-rank update.
 
   The base kernel is the caller's frozen weight; `lora_a`, `lora_b` are the trainable

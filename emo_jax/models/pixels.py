@@ -11,8 +11,8 @@ normalised here, `(x / 255 - mean) / std` per channel; a **floating** array is t
 already normalised and passed through unchanged (tests and callers that normalise on the
 host keep working). Other dtypes are an error.
 
-The statistics are equal copies of `input_pipeline.media`'s (emo_jax does not import the
-input pipeline; tests/test_media.py checks they are the same numbers).
+The statistics come from the batch contract (`input_pipeline.contract`), which the host
+side uses too.
 """
 from __future__ import annotations
 
@@ -22,12 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# CLIP / EVA-CLIP image processor statistics (the ViT's input; LLaMA-VID).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# ImageNet statistics (FaceXFormer and most face networks).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from input_pipeline.contract import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
 
 def _affine(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

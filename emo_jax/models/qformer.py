@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emo_jax.models.module import Module
+
 Dtype = Any
 
 _ACTIVATIONS = {
@@ -116,7 +118,7 @@ def _mask_bias(mask: jax.Array | None) -> jax.Array | None:
   return jnp.where(mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
 
 
-class QFormerMultiHeadAttention(nnx.Module):
+class QFormerMultiHeadAttention(Module):
   """Scaled dot-product attention; keys/values from `kv` (encoder width for cross-attn)."""
 
   def __init__(self, cfg: QFormerConfig, *, is_cross_attention: bool, rngs: nnx.Rngs):
@@ -144,7 +146,7 @@ class QFormerMultiHeadAttention(nnx.Module):
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, tq, nh * hd)
 
 
-class QFormerSelfOutput(nnx.Module):
+class QFormerSelfOutput(Module):
   """BERT post-LN residual: LayerNorm(dense(h) + input)."""
 
   def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
@@ -156,7 +158,7 @@ class QFormerSelfOutput(nnx.Module):
     return self.LayerNorm(self.dense(h) + residual).astype(h.dtype)
 
 
-class QFormerAttention(nnx.Module):
+class QFormerAttention(Module):
   """`self` (multi-head attention, BERT's attribute name) + `output`."""
 
   def __init__(self, cfg: QFormerConfig, *, is_cross_attention: bool = False,
@@ -171,7 +173,7 @@ class QFormerAttention(nnx.Module):
     return self.output(attn(x, x if kv is None else kv, bias), x)
 
 
-class QFormerIntermediate(nnx.Module):
+class QFormerIntermediate(Module):
 
   def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
     self.act = _ACTIVATIONS[cfg.hidden_act]
@@ -182,7 +184,7 @@ class QFormerIntermediate(nnx.Module):
     return self.act(self.dense(x))
 
 
-class QFormerOutput(nnx.Module):
+class QFormerOutput(Module):
 
   def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
     self.dense = _linear(cfg, cfg.intermediate_size, cfg.hidden_size,
@@ -193,7 +195,7 @@ class QFormerOutput(nnx.Module):
     return self.LayerNorm(self.dense(h) + residual).astype(h.dtype)
 
 
-class QFormerLayer(nnx.Module):
+class QFormerLayer(Module):
   """Self-attn over [queries; text]; query-only cross-attn (some layers); split FFNs."""
 
   def __init__(self, cfg: QFormerConfig, layer_idx: int, *, rngs: nnx.Rngs):
@@ -224,7 +226,7 @@ class QFormerLayer(nnx.Module):
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
 
-class QFormerEmbeddings(nnx.Module):
+class QFormerEmbeddings(Module):
   """word + position embeddings of the text, queries prepended, then LayerNorm."""
 
   def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
@@ -257,7 +259,7 @@ class QFormerEmbeddings(nnx.Module):
     return self.LayerNorm(x).astype(cfg.dtype)
 
 
-class QFormerEncoder(nnx.Module):
+class QFormerEncoder(Module):
 
   def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -275,7 +277,7 @@ class QFormerEncoder(nnx.Module):
     return x
 
 
-class QFormerModel(nnx.Module):
+class QFormerModel(Module):
   """The Q-Former proper (HF `InstructBlipQFormerModel` semantics).
 
   `__call__(query_embeds [B, Q, H] | None, input_ids [B, T] | None, attention_mask
@@ -314,7 +316,7 @@ class QFormerModel(nnx.Module):
     return out[:, :q] if q > 0 else out
 
 
-class InstructBlipQFormer(nnx.Module):
+class InstructBlipQFormer(Module):
   """Q-Former plus its learned `query_tokens` [1, Q, H] (held by the parent model in HF).
 
   `__call__(query_embeds | None, input_ids, attention_mask, encoder_hidden_states,

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emo_jax.models.module import Module
+
 
 @dataclasses.dataclass(frozen=True)
 class SwinConfig:
@@ -70,7 +72,7 @@ def swin_b_config(**overrides) -> SwinConfig:
   return dataclasses.replace(SwinConfig(), **overrides)
 
 
-class LayerNorm(nnx.Module):
+class LayerNorm(Module):
   """torch.nn.LayerNorm over the last axis with torch parameter names (`weight`, `bias`).
 
   Two-pass statistics in fp32 (our choice; nnx.LayerNorm's one-pass variance loses accuracy).
@@ -136,7 +138,7 @@ def window_reverse(x: jax.Array, window: int, height: int, width: int) -> jax.Ar
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
 
 
-class ShiftedWindowAttention(nnx.Module):
+class ShiftedWindowAttention(Module):
   """(Shifted) window multi-head self-attention with relative position bias (torchvision v1)."""
 
   def __init__(self, dim: int, num_heads: int, window: int, shift: int, *, dtype=jnp.float32,
@@ -180,7 +182,7 @@ class ShiftedWindowAttention(nnx.Module):
     return out[:, :h, :w, :]
 
 
-class SwinMLP(nnx.Module):
+class SwinMLP(Module):
   """Linear -> exact GELU -> Linear (torchvision `mlp.0`, `mlp.3`)."""
 
   def __init__(self, dim: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -191,7 +193,7 @@ class SwinMLP(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
-class SwinBlock(nnx.Module):
+class SwinBlock(Module):
   """Pre-LN block: x + attn(norm1(x)); x + mlp(norm2(x)) on a [B, H, W, C] map."""
 
   def __init__(self, dim: int, num_heads: int, window: int, shift: int, cfg: SwinConfig, *,
@@ -206,7 +208,7 @@ class SwinBlock(nnx.Module):
     return x + self.mlp(self.norm2(x))
 
 
-class PatchMerging(nnx.Module):
+class PatchMerging(Module):
   """2x2 neighbours -> LayerNorm(4C) -> Linear(4C, 2C, no bias); odd sizes are zero-padded."""
 
   def __init__(self, dim: int, cfg: SwinConfig, *, rngs: nnx.Rngs):
@@ -223,7 +225,7 @@ class PatchMerging(nnx.Module):
     return self.reduction(self.norm(x))
 
 
-class PatchEmbed(nnx.Module):
+class PatchEmbed(Module):
   """Non-overlapping patch conv (torchvision `features.0.0`) + LayerNorm (`features.0.2`)."""
 
   def __init__(self, cfg: SwinConfig, *, rngs: nnx.Rngs):
@@ -239,7 +241,7 @@ class PatchEmbed(nnx.Module):
     return self.norm(self.proj(pixels))
 
 
-class SwinStage(nnx.Module):
+class SwinStage(Module):
   """`depth` blocks (even ones unshifted, odd ones shifted by ws // 2), then optional merging."""
 
   def __init__(self, index: int, cfg: SwinConfig, *, rngs: nnx.Rngs):
@@ -253,7 +255,7 @@ class SwinStage(nnx.Module):
     self.downsample = None if last else PatchMerging(dim, cfg, rngs=rngs)
 
 
-class SwinTransformer(nnx.Module):
+class SwinTransformer(Module):
   """Swin backbone. `__call__(pixels [N, H, W, 3]) -> list of the 4 stage outputs [N, h, w, C_i]`.
 
   Stage outputs are taken before patch merging (FaceXFormer hooks torchvision's

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emo_jax.models.module import Module
+
 Dtype = Any
 
 _ACTIVATIONS = {
@@ -194,7 +196,7 @@ def _layer_norm(cfg: VisionConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
 # ----------------------------------------------------------------------------- modules
 
 
-class VisionEmbeddings(nnx.Module):
+class VisionEmbeddings(Module):
   """Patch conv + class token + learned absolute positions (HF `CLIPVisionEmbeddings`)."""
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
@@ -234,7 +236,7 @@ class VisionEmbeddings(nnx.Module):
     return x + pos.astype(x.dtype)[None]
 
 
-class VisionAttention(nnx.Module):
+class VisionAttention(Module):
   """Multi-head self-attention; EVA has no k bias (LAVIS uses cat(q_bias, 0, v_bias))."""
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
@@ -259,7 +261,7 @@ class VisionAttention(nnx.Module):
     return self.out_proj(out)
 
 
-class VisionMLP(nnx.Module):
+class VisionMLP(Module):
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
     self.act = _ACTIVATIONS[cfg.hidden_act]
@@ -272,7 +274,7 @@ class VisionMLP(nnx.Module):
     return self.fc2(self.act(self.fc1(x)))
 
 
-class VisionEncoderLayer(nnx.Module):
+class VisionEncoderLayer(Module):
   """Pre-LN block: x + attn(LN1(x)); x + mlp(LN2(x)) (same order in CLIP and EVA)."""
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
@@ -288,7 +290,7 @@ class VisionEncoderLayer(nnx.Module):
     return x + self.mlp(self.layer_norm2(x).astype(dt))
 
 
-class VisionEncoder(nnx.Module):
+class VisionEncoder(Module):
   """`layers.N` (a list) or, with `scan_layers`, one stacked `layers` module ([L, ...] params)."""
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
@@ -325,7 +327,7 @@ class VisionEncoder(nnx.Module):
     return x
 
 
-class VisionTransformer(nnx.Module):
+class VisionTransformer(Module):
   """CLIP / EVA ViT: NHWC pixels `[N, H, W, 3]` -> features `[N, 1 + P, C]`.
 
   The output is the hidden state at `cfg.feature_layer` (CLIP with -1: HF

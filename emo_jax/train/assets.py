@@ -19,6 +19,7 @@ from absl import logging
 
 from input_pipeline import instructions as instructions_lib
 from input_pipeline import labels as labels_lib
+from input_pipeline import synthetic
 from input_pipeline import template as template_lib
 
 _BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -42,7 +43,6 @@ def _corpus(data_root: str) -> list[str]:
 
 
 def train_llama_tokenizer(data_root: str, out_path: str, vocab_size: int = 512) -> str:
-  import sentencepiece as spm
   prefix = out_path[:-len(".model")] if out_path.endswith(".model") else out_path
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(_corpus(data_root)), model_prefix=prefix, vocab_size=vocab_size,
@@ -67,7 +67,6 @@ def ensure_default_data(data_root: str, *, num_images: int, num_clips: int, seed
                         image_size: int = 112) -> dict:
   """Generates the synthetic dataset and its tokenizers under `data_root` if missing.
   Returns {'tokenizer': path, 'qformer_vocab': path}."""
-  from input_pipeline import synthetic
   marker = os.path.join(data_root, "GENERATED.json")
   if not os.path.exists(marker):
     logging.info("generating synthetic data in %s", data_root)

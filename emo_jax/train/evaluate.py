@@ -25,6 +25,7 @@ import json
 import os
 from typing import Any, Sequence
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,10 +33,12 @@ from absl import logging
 from flax import nnx
 
 from emo_jax.models import generation
+from emo_jax.train import loop
 from emo_jax.train import metrics as metrics_lib
 from emo_jax.train import task as task_lib
 from input_pipeline import instructions as instructions_lib
 from input_pipeline import pipeline as pipeline_lib
+from input_pipeline.contract import AGE_BINS, GENDERS, RACES
 from input_pipeline.records import Record, SkipCounter
 
 
@@ -63,7 +66,6 @@ def with_turns(record: Record, question: str, answer: str | None) -> Record:
 def build_examples(builder: pipeline_lib.ExampleBuilder, records: Sequence[Record],
                    skips: SkipCounter, num_threads: int = 2) -> list[dict | None]:
   """Examples in record order; None where a record was skipped (counted in `skips`)."""
-  import grain
   rng_seed = 0
 
   def one(rec):
@@ -272,7 +274,6 @@ def _markdown(report: dict) -> str:
 def _agr_groups(agr: np.ndarray | None) -> dict | None:
   if agr is None:
     return None
-  from emo_jax.models.face_prior import AGE_BINS, GENDERS, RACES
   return {"age": [AGE_BINS[i] for i in agr[:, 0]], "gender": [GENDERS[i] for i in agr[:, 1]],
           "race": [RACES[i] for i in agr[:, 2]]}
 
@@ -281,7 +282,6 @@ def evaluate(config, workdir: str, *, model: nnx.Module | None = None,
              step: int | None = None) -> dict:
   """Runs every eval entry in every mode; writes <workdir>/eval/report.{json,md} and the
   confusion PNGs. Returns {'summary': {mode: {name: {uar, war}}}, 'report': path}."""
-  from emo_jax.train import loop
   if model is None:
     _, model, step = loop.restore_trained(config, workdir)
   paths = task_lib.prepare_data(config, workdir)

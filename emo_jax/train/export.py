@@ -20,14 +20,15 @@ import jax
 from absl import logging
 from flax import nnx
 
+from emo_jax.convert import bundle, llama_hf
+from emo_jax.models import lora
+from emo_jax.train import loop
 from emo_jax.train import task as task_lib
 
 
 def export(config, workdir: str, *, model: nnx.Module | None = None,
            out_dir: str | None = None, formats=None) -> dict:
   """Writes the formats in `formats` (default config.export.formats). Returns paths."""
-  from emo_jax.convert import llama_hf
-  from emo_jax.train import loop
   step = None
   if model is None:
     _, model, step = loop.restore_trained(config, workdir)
@@ -42,7 +43,6 @@ def export(config, workdir: str, *, model: nnx.Module | None = None,
     return out
   os.makedirs(out_dir, exist_ok=True)
   llm = model.language_model
-  from emo_jax.models import lora
   has_lora = bool(lora.lora_modules(llm))
   if "peft" in formats:
     if has_lora:
@@ -57,7 +57,6 @@ def export(config, workdir: str, *, model: nnx.Module | None = None,
     llama_hf.save_llama(llm, d, dtype=dtype)   # merges LoRA into the written weights
     out["hf"] = d
   if "bundle" in formats:
-    from emo_jax.convert import bundle
     d = os.path.join(out_dir, "bundle")
     bundle.save_bundle(model, d)
     out["bundle"] = d

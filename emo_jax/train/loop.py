@@ -36,7 +36,7 @@ from clu import periodic_actions
 from flax import nnx
 
 from emo_jax import sharding as sharding_lib
-from emo_jax.models.flops import jaxpr_matmul_flops
+from emo_jax.perf.flops import jaxpr_matmul_flops
 from emo_jax.train import checkpoint as ckpt_lib
 from emo_jax.train import optimizer as opt_lib
 from emo_jax.train import state as state_lib
@@ -98,7 +98,7 @@ def peak_flops(config) -> float:
 def step_matmul_flops_per_device(traced) -> float:
   """Matmul FLOPs per device of one call of a traced jitted step (`jitted.trace(*args)`).
 
-  Counted on the traced program with loop trip counts (`models.flops.jaxpr_matmul_flops`).
+  Counted on the traced program with loop trip counts (`perf.flops.jaxpr_matmul_flops`).
   XLA's `cost_analysis()` counts a scanned layer stack's body once (8 scanned layers of a
   tiny LLaMA forward: 6.5 MFLOP against 47.9 MFLOP unrolled), so a scanned LLaMA-2-7B step
   would read about 20 times too few FLOPs (one layer plus the LM head). The global count is
@@ -153,7 +153,7 @@ def build(config, workdir: str) -> Built:
   # per-op dispatch); pretrained parts are then loaded over it.
   abstract = nnx.eval_shape(lambda: task_lib.build_model(config))
   graphdef, *abstract_parts = state_lib.split_model(abstract, trainable)
-  shardings = [step_lib.tree_shardings(a, mesh, rules) for a in abstract_parts]
+  shardings = [sharding_lib.tree_shardings(a, mesh, rules) for a in abstract_parts]
 
   @functools.partial(jax.jit, out_shardings=tuple(shardings))
   def init():
@@ -174,12 +174,6 @@ def _has_pretrained(config) -> bool:
   return any(v for k, v in init.items() if k != "allow_pickle")
 
 
-def _global_batch(batch, mesh):
-  sharding = step_lib.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in task_lib.model_batch(batch).items()}
-
-
 def train(config, workdir: str) -> dict:
   """Trains (resuming if a checkpoint exists). Returns a summary dict."""
   os.makedirs(workdir, exist_ok=True)
@@ -195,7 +189,7 @@ def train(config, workdir: str) -> dict:
 
   tx, schedules = opt_lib.make_optimizer(config.optimizer.to_dict(), num_steps, built.params)
   state = state_lib.create_train_state(built.params, built.rngs, tx)
-  state_sh, frozen_sh = step_lib.state_and_frozen_shardings(state, built.frozen, built.mesh,
+  state_sh, frozen_sh = sharding_lib.state_and_frozen_shardings(state, built.frozen, built.mesh,
                                                             built.rules)
   state = jax.device_put(state, state_sh)
   logging.info("trainable parameters: %s, frozen: %s", f"{opt_lib.count_params(state.params):,}",
@@ -216,7 +210,7 @@ def train(config, workdir: str) -> dict:
       if config.train.compute_dtype not in ("", "float32") else None
   step_fn = step_lib.jit_train_step(
       built.graphdef, tx, task_lib.loss_fn, state_shardings=state_sh,
-      frozen_shardings=frozen_sh, batch_sharding=step_lib.batch_sharding(built.mesh),
+      frozen_shardings=frozen_sh, batch_sharding=sharding_lib.batch_sharding(built.mesh),
       accum_steps=config.train.accum_steps, compute_dtype=compute_dtype)
 
   is_main = jax.process_index() == 0
@@ -243,7 +237,7 @@ def train(config, workdir: str) -> dict:
         if hash_log is not None:   # data provenance: which examples each step saw
           hash_log.write(json.dumps({"step": step + 1, "sha1": _batch_sha1(host_batch)}) + "\n")
           hash_log.flush()
-        batch = _global_batch(host_batch, built.mesh)
+        batch = sharding_lib.to_global_batch(task_lib.model_batch(host_batch), built.mesh)
         key = tuple((k, v.shape) for k, v in sorted(batch.items()))
         if key not in compiled:   # one compile per bucket length
           traced = step_fn.trace(state, built.frozen, batch)

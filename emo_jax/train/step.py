@@ -126,31 +126,3 @@ def causal_lm_ce_sum(model, input_ids: jax.Array, attention_mask: jax.Array,
   mask = loss_mask[:, 1:].astype(jnp.float32)
   nll, _ = model.cross_entropy(h[:, :-1], targets, mask, chunk=chunk)
   return nll, jnp.sum(mask)
-
-
-def batch_sharding(mesh) -> Any:
-  """Leading (batch) dim over ('data', 'fsdp'); everything else replicated."""
-  from jax.sharding import NamedSharding, PartitionSpec
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-
-
-def tree_shardings(tree: Any, mesh, rules) -> Any:
-  """NamedSharding per array of an (abstract) pytree of nnx Variables / arrays: Variables
-  by their logical axes (optimizer moments keep their param's metadata, so they mirror
-  it), plain arrays replicated. Variables holding no array (optax MaskedNode of
-  multi_transform's other groups) are kept as they are: they have no leaves."""
-  from emo_jax import sharding as sharding_lib
-  from jax.sharding import NamedSharding, PartitionSpec
-
-  def one(x):
-    if isinstance(x, nnx.Variable):
-      if not jax.tree.leaves(x):
-        return x
-      return sharding_lib.state_shardings({"v": x}, mesh, rules)["v"]
-    return NamedSharding(mesh, PartitionSpec())
-  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def state_and_frozen_shardings(state: TrainState, frozen, mesh, rules):
-  """NamedShardings for a (possibly abstract) TrainState and the frozen state."""
-  return tree_shardings(state, mesh, rules), tree_shardings(frozen, mesh, rules)

@@ -14,10 +14,13 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
+from emo_jax.convert import bundle, eva, facexformer, llama_hf, llama_vid, vision_hf
 from emo_jax.models import emo_llama
+from emo_jax.train import assets
 from input_pipeline import datasets as datasets_lib
 from input_pipeline import pipeline as pipeline_lib
 from input_pipeline import tokenizers as tokenizers_lib
+from input_pipeline.contract import MODEL_KEYS
 from input_pipeline.records import Record, SkipCounter
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -38,7 +41,6 @@ def prepare_data(config, workdir: str) -> dict[str, str]:
   root = data_root(config, workdir)
   paths = {"tokenizer": config.data.tokenizer, "qformer_vocab": config.data.qformer_vocab}
   if config.data.get("synthetic") and config.data.synthetic.get("generate", False):
-    from emo_jax.train import assets
     if jax.process_index() == 0:
       made = assets.ensure_default_data(
           root, num_images=config.data.synthetic.num_images,
@@ -97,12 +99,10 @@ def load_pretrained(model: emo_llama.EmoLlama, config) -> None:
   allow_pickle = bool(init.get("allow_pickle", False))
   cfg = model.config
   if init.get("bundle"):
-    from emo_jax.convert import bundle
     src = bundle.load_bundle(init.bundle)
     nnx.update(model, nnx.state(src, nnx.Not(nnx.RngState)))
     return
   if init.get("llama_vid"):
-    from emo_jax.convert import llama_vid
     src = llama_vid.load_llama_vid(init.llama_vid, dtype=cfg.llm.param_dtype,
                                    allow_pickle=allow_pickle, vision_path=init.get("vision") or None,
                                    seed=config.seed, **{k: getattr(cfg, k) for k in (
@@ -113,11 +113,9 @@ def load_pretrained(model: emo_llama.EmoLlama, config) -> None:
         "vision", "qformer", "projectors", "llm"))))
     nnx.update(model, nnx.state(src, from_ckpt))
     if init.get("face_prior") and model.face_prior is not None:
-      from emo_jax.convert import facexformer
       facexformer.load_into(model.face_prior, init.face_prior, allow_pickle=allow_pickle)
     return
   if init.get("llm"):
-    from emo_jax.convert import llama_hf
     src = llama_hf.load_llama(init.llm, dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype,
                               allow_pickle=allow_pickle)
     if src.config.vocab_size != cfg.llm.vocab_size:
@@ -125,16 +123,13 @@ def load_pretrained(model: emo_llama.EmoLlama, config) -> None:
                        f"{cfg.llm.vocab_size}")
     nnx.update(model.language_model, nnx.state(src, nnx.Param))
   if init.get("vision"):
-    from emo_jax.convert import eva
     eva.load_into(model.vision_tower, init.vision, allow_pickle=allow_pickle)
   if init.get("qformer"):
-    from emo_jax.convert import vision_hf
     vision_hf.load_qformer_into(model, init.qformer, allow_pickle=allow_pickle)
   if init.get("face_prior"):
     if model.face_prior is None:
       raise ValueError("config.init.face_prior is set but the model has no face prior network "
                        f"(model.face_prior={cfg.face_prior!r}); clear one of them")
-    from emo_jax.convert import facexformer
     facexformer.load_into(model.face_prior, init.face_prior, allow_pickle=allow_pickle)
 
 
@@ -146,10 +141,6 @@ def loss_fn(model: emo_llama.EmoLlama, batch: Mapping[str, Any]):
   """(sum of answer-token NLL, number of answer tokens) — see train.step."""
   _, aux = model.loss(batch)
   return aux["nll_sum"], aux["num_tokens"]
-
-
-MODEL_KEYS = ("frames", "frame_mask", "face_crops", "face_global", "face_local", "qformer_ids",
-              "qformer_mask", "input_ids", "attention_mask", "loss_mask")
 
 
 def model_batch(batch: Mapping[str, Any]) -> dict:

@@ -5,8 +5,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emo_jax.models.module import Module
 
-class RMSNorm(nnx.Module):
+
+class RMSNorm(Module):
   """y = weight * x / sqrt(mean(x^2) + eps).
 
   The parameter is called `weight` (HF name, ones-initialised) and carries the

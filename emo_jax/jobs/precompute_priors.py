@@ -1,59 +1,51 @@
 """Frozen-prior mode: run the face prior network once per sample and store its outputs.
 
 The face prior (FaceXFormer, or any module returning `FacePriors`) is frozen in EMO-LLaMA,
-so its outputs can be computed once in preprocessing instead of every epoch:
+so its outputs can be computed once instead of every epoch:
 
-    python -m input_pipeline.precompute_priors --shards='/data/raf_train/*.array_record' \\
+    python -m emo_jax.jobs.precompute_priors --shards='/data/raf_train/*.array_record' \\
         --checkpoint=/ckpt/facexformer.safetensors --out_dir=/data/raf_train_priors
-    python -m input_pipeline.precompute_priors --dataset=dfew --root=/data/DFEW --fold=1 \\
+    python -m emo_jax.jobs.precompute_priors --dataset=dfew --root=/data/DFEW --fold=1 \\
         --num_frames=8 --checkpoint=/ckpt/facexformer.safetensors --out_dir=/data/dfew_priors
 
-reads the pre-extracted `face_crops` (uint8 [F, S, S, 3], see input_pipeline.preprocess) or,
-with `--dataset`, decodes the records exactly as the training pipeline does
-(`pipeline.face_crop_items`: same frame sampling and geometry, uint8, so the priors belong to
-the batch's frames), normalises them on the device with the model's own function (ImageNet
-mean/std, emo_jax.models.pixels), runs the network in fixed-size batches (one jit compile;
-the last batch is zero-padded, which changes nothing since the network is per-sample) and
-writes ArrayRecord shards of one `.npz` blob per sample (no pickle) plus `index.json`
-(record id -> shard, position). `PriorStore(out_dir)[record_id]` gives back `face_global`
-[F, G, Cf], `face_local` [F, L, Cf], landmarks, AGR logits and the AGR label names, which the
-pipeline puts into the batch as `face_global` / `face_local` (docs/INTERFACES.md).
-
-`make_priors_fn(runner)` is the same computation as a `priors_fn` hook for
-`input_pipeline.preprocess.write_shards` (priors stored inside the example itself).
-
-Our choices: key = `Record.id`; the AGR labels of a multi-frame sample come from the
-frame-averaged logits (`emo_jax.models.face.agr_indices`).
+It reads the pre-extracted `face_crops` of preprocess shards or, with `--dataset`, decodes
+the records exactly as the training pipeline does (`pipeline.face_crop_items`), normalises
+them with the model's own function, runs the network in fixed-size batches (one compile;
+the last batch is zero-padded) and writes a store that `input_pipeline.prior_store.PriorStore`
+reads (docs/FROZEN_PRIORS.md). The AGR labels of a multi-frame sample come from the
+frame-averaged logits (our choice).
 """
 from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
-import os
 import sys
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-PRIOR_FIELDS = ("face_global", "face_local", "landmarks", "age_logits", "gender_logits",
-                "race_logits")
+from emo_jax.convert import facexformer as convert
+from emo_jax.models import facexformer as fx
+from emo_jax.models.pixels import normalize_face
+from input_pipeline import contract, datasets, pipeline
+from input_pipeline.preprocess import PreextractedSource
+from input_pipeline.prior_store import PRIOR_FIELDS, StoreWriter
+from input_pipeline.records import SkipCounter
+
 _PRIOR_ATTRS = ("global_feats", "local_feats", "landmarks", "age_logits", "gender_logits",
                 "race_logits")
-INDEX_NAME = "index.json"
-SUFFIX = ".array_record"
 
 
 class PriorRunner:
   """Runs a frozen `FacePriors` network over crops in fixed batches with one jitted function.
 
   `__call__(crops [N, S, S, 3])` -> dict of numpy arrays keyed by PRIOR_FIELDS (first axis N).
-  uint8 crops are ImageNet-normalised inside the jitted function by the same function
-  EmoLlama applies to uint8 `face_crops` (emo_jax.models.pixels.normalize_face), so stored
-  priors equal the online ones; float crops must be normalised already.
+  uint8 crops are normalised inside the jitted function by the function EmoLlama applies to
+  uint8 `face_crops`, so stored priors equal the online ones; float crops must be
+  normalised already.
   """
 
   def __init__(self, model: nnx.Module, batch_size: int = 8):
@@ -62,8 +54,6 @@ class PriorRunner:
     self.batch_size = batch_size
     graphdef, state = nnx.split(model)
     self._state = state
-
-    from emo_jax.models.pixels import normalize_face
 
     def apply(state, crops):
       priors = nnx.merge(graphdef, state)(normalize_face(crops))
@@ -86,26 +76,6 @@ class PriorRunner:
     return {k: np.concatenate([c[k] for c in chunks])[:n] for k in PRIOR_FIELDS}
 
 
-def agr_labels(priors: Mapping[str, np.ndarray]) -> dict[str, str]:
-  """Age / gender / race label names of one sample from its per-frame logits [F, n]."""
-  from emo_jax.models import face as face_lib
-  from emo_jax.models.face_prior import AGE_BINS, GENDERS, RACES
-  a, g, r = face_lib.agr_indices(priors["age_logits"][None], priors["gender_logits"][None],
-                                 priors["race_logits"][None])[0]
-  return {"age": AGE_BINS[int(a)], "gender": GENDERS[int(g)], "race": RACES[int(r)]}
-
-
-def encode_priors(record_id: str, priors: Mapping[str, np.ndarray]) -> bytes:
-  buf = io.BytesIO()
-  np.savez(buf, id=np.array(record_id), **{k: np.asarray(priors[k]) for k in PRIOR_FIELDS})
-  return buf.getvalue()
-
-
-def decode_priors(data: bytes) -> tuple[str, dict[str, np.ndarray]]:
-  with np.load(io.BytesIO(data), allow_pickle=False) as z:
-    return str(z["id"]), {k: z[k] for k in PRIOR_FIELDS}
-
-
 def _batched_records(items: Iterable[tuple[str, np.ndarray]], frames_per_call: int
                      ) -> Iterator[list[tuple[str, np.ndarray]]]:
   group, count = [], 0
@@ -121,113 +91,43 @@ def _batched_records(items: Iterable[tuple[str, np.ndarray]], frames_per_call: i
 
 def precompute_priors(runner: PriorRunner, items: Iterable[tuple[str, np.ndarray]],
                       out_dir: str, *, num_shards: int = 1) -> dict[str, Any]:
-  """Write the priors of every (record_id, crops [F, S, S, 3]) to ArrayRecord shards.
+  """Write the priors of every (record_id, crops [F, S, S, 3]) to a prior store.
 
   Samples are distributed round-robin over `num_shards`; returns the index written to
   `out_dir/index.json`. A duplicate id or a sample without crops raises.
   """
-  from array_record.python.array_record_module import ArrayRecordWriter
-  os.makedirs(out_dir, exist_ok=True)
-  names = [f"priors-{i:05d}-of-{num_shards:05d}{SUFFIX}" for i in range(num_shards)]
-  writers = [ArrayRecordWriter(os.path.join(out_dir, n), "group_size:1") for n in names]
-  counts = [0] * num_shards
-  index: dict[str, list[int]] = {}
-  written = 0
-  try:
+  with StoreWriter(out_dir, num_shards) as writer:
     for group in _batched_records(items, runner.batch_size):
       for rid, crops in group:
-        if rid in index:
-          raise ValueError(f"duplicate record id {rid!r}")
         if np.asarray(crops).ndim != 4 or len(crops) == 0:
           raise ValueError(f"record {rid!r}: face crops must be [F>0, S, S, 3], "
                            f"got {np.asarray(crops).shape}")
-        index[rid] = [-1, -1]  # reserve the id before running the network
+        writer.reserve(rid)  # before running the network
       out = runner(np.concatenate([np.asarray(c) for _, c in group]))
       start = 0
       for rid, crops in group:
         f = len(crops)
-        shard = written % num_shards
-        written += 1
-        writers[shard].write(encode_priors(rid, {k: v[start:start + f] for k, v in out.items()}))
-        index[rid] = [shard, counts[shard]]
-        counts[shard] += 1
+        writer.write(rid, {k: v[start:start + f] for k, v in out.items()})
         start += f
-  finally:
-    for w in writers:
-      w.close()
-  meta = {"shards": names, "ids": index, "fields": list(PRIOR_FIELDS)}
-  with open(os.path.join(out_dir, INDEX_NAME), "w") as fh:
-    json.dump(meta, fh)
-  return meta
-
-
-class PriorStore:
-  """Random access to precomputed priors by record id.
-
-  `store[record_id]` -> {'face_global' [F, G, Cf], 'face_local' [F, L, Cf], 'landmarks'
-  [F, 68, 2], 'age_logits', 'gender_logits', 'race_logits', 'agr_labels': {'age', 'gender',
-  'race'} label names}. A missing id raises KeyError naming it.
-  """
-
-  def __init__(self, out_dir: str):
-    self.out_dir = out_dir
-    with open(os.path.join(out_dir, INDEX_NAME)) as fh:
-      meta = json.load(fh)
-    self._shards = meta["shards"]
-    self._index = {k: tuple(v) for k, v in meta["ids"].items()}
-    self._readers: dict[int, Any] = {}
-
-  def __len__(self) -> int:
-    return len(self._index)
-
-  def __contains__(self, record_id: str) -> bool:
-    return record_id in self._index
-
-  def ids(self) -> list[str]:
-    return list(self._index)
-
-  def _reader(self, shard: int):
-    if shard not in self._readers:
-      from array_record.python.array_record_module import ArrayRecordReader
-      self._readers[shard] = ArrayRecordReader(os.path.join(self.out_dir, self._shards[shard]))
-    return self._readers[shard]
-
-  def __getitem__(self, record_id: str) -> dict[str, Any]:
-    if record_id not in self._index:
-      raise KeyError(f"no precomputed priors for record {record_id!r} in {self.out_dir}")
-    shard, pos = self._index[record_id]
-    rid, priors = decode_priors(self._reader(shard).read([pos])[0])
-    if rid != record_id:
-      raise ValueError(f"index of {self.out_dir} is corrupt: {record_id!r} points at {rid!r}")
-    out: dict[str, Any] = dict(priors)
-    out["agr_labels"] = agr_labels(priors)
-    return out
-
-  def __getstate__(self):  # grain workers re-open readers lazily
-    return {"out_dir": self.out_dir}
-
-  def __setstate__(self, state):
-    self.__init__(state["out_dir"])
+  return {"shards": writer.names, "ids": writer.index, "fields": list(PRIOR_FIELDS)}
 
 
 def make_priors_fn(runner: PriorRunner, template: str | None = None):
-  """A `priors_fn(crops uint8 [F, S, S, 3], record)` hook for preprocess.write_shards: stores the
-  PRIOR_FIELDS arrays and, with a template, the sample's `agr_sentence` (face.agr_sentence)."""
+  """A `priors_fn(crops uint8 [F, S, S, 3], record)` hook for preprocess.write_shards: stores
+  the PRIOR_FIELDS arrays and, with a template, the sample's `agr_sentence`."""
   def priors_fn(crops: np.ndarray, record) -> dict[str, Any]:
     out: dict[str, Any] = runner(crops)
     if template is not None:
-      from emo_jax.models import face as face_lib
-      idx = face_lib.agr_indices(out["age_logits"][None], out["gender_logits"][None],
+      idx = contract.agr_indices(out["age_logits"][None], out["gender_logits"][None],
                                  out["race_logits"][None])[0]
       still = getattr(record, "media_type", "image") in ("image", "pixels")
-      out["agr_sentence"] = face_lib.agr_sentence(*idx, template=template,
+      out["agr_sentence"] = contract.agr_sentence(*idx, template=template,
                                                   media="image" if still else "video")
     return out
   return priors_fn
 
 
 def _preextracted_items(paths: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
-  from input_pipeline.preprocess import PreextractedSource
   source = PreextractedSource(list(paths))
   for i in range(len(source)):
     ex = source[i]
@@ -239,8 +139,6 @@ def _preextracted_items(paths: Sequence[str]) -> Iterator[tuple[str, np.ndarray]
 
 def _record_items(args) -> Iterator[tuple[str, np.ndarray]]:
   """Crops of a dataset's records, decoded as the training pipeline decodes them."""
-  from input_pipeline import datasets, pipeline
-  from input_pipeline.records import SkipCounter
   skips = SkipCounter(strict=args.strict)
   records = datasets.load_records(args.dataset, args.root, split=args.split, fold=args.fold,
                                   strict=args.strict, skips=skips,
@@ -273,16 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--num_shards", type=int, default=1)
   args = parser.parse_args(argv)
-  from emo_jax.convert import facexformer as convert
-  from emo_jax.models import facexformer as fx
   if bool(args.shards) == bool(args.dataset):
-    print("give exactly one of --shards or --dataset", file=sys.stderr)
-    return 1
+    print("error: give exactly one of --shards or --dataset", file=sys.stderr)
+    return 2
   if args.shards:
     paths = sorted(glob.glob(args.shards))
     if not paths:
-      print(f"no shards match {args.shards}", file=sys.stderr)
-      return 1
+      print(f"error: no shards match {args.shards}", file=sys.stderr)
+      return 2
     items = _preextracted_items(paths)
   else:
     items = _record_items(args)

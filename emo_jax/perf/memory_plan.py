@@ -1,6 +1,6 @@
 """Memory planning without hardware: compile the train step from abstract shapes.
 
-  python -m emo_jax.memory_plan --config=configs/emo_llama_7b.py --devices=8 --mesh=1,8,1 \
+  python -m emo_jax.perf --config=configs/emo_llama_7b.py --devices=8 --mesh=1,8,1 \
       --micro_batch=1 --search --out=benchmarks/results/memory_plan_7b
 
 The model, the train state and the batch exist only as `jax.ShapeDtypeStruct`s
@@ -38,6 +38,20 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emo_jax import sharding as sharding_lib
+from emo_jax.models import lora as lora_lib
+from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from emo_jax.perf.flops import jaxpr_matmul_flops
+from emo_jax.train import optimizer as opt_lib
+from emo_jax.train import state as state_lib
+from emo_jax.train import step as step_lib
+from emo_jax.train import task as task_lib
+
 GiB = 1024 ** 3
 # Per-chip HBM (Cloud TPU docs): v5e 16 GiB, v5p 95 GiB.
 BUDGETS_GIB = {"v5e": 16.0, "v5p": 95.0}
@@ -67,20 +81,15 @@ class Program:
 
 
 def _split_abstract(build: Callable[[], Any], trainable) -> tuple:
-  from flax import nnx
-  from emo_jax.train import state as state_lib
   model = nnx.eval_shape(build)
   return state_lib.split_model(model, trainable)
 
 
 def _count(tree) -> int:
-  import jax
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def _bytes(tree) -> int:
-  import jax
-  import numpy as np
   return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
@@ -92,14 +101,6 @@ def llama_lora_program(llama_cfg, *, seq_len: int, lora_rank: int = 8, lora_alph
 
   The batch is text only: input_ids, attention_mask, loss_mask int32 [B, seq_len].
   """
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  from emo_jax import sharding as sharding_lib
-  from emo_jax.models import lora as lora_lib
-  from emo_jax.models.llama import LlamaForCausalLM
-  from emo_jax.train import optimizer as opt_lib
-  from emo_jax.train import step as step_lib
 
   targets = tuple(lora_targets or lora_lib.DEFAULT_TARGETS)
 
@@ -131,8 +132,6 @@ def llama_lora_program(llama_cfg, *, seq_len: int, lora_rank: int = 8, lora_alph
 def llama2_7b_config(**overrides):
   """LLaMA-2-7B / Vicuna-7B v1.5 shapes (facts: 32 layers, 4096, 32 heads, FFN 11008,
   vocab 32000); our planning defaults: bf16 storage and compute, scanned layers, full remat."""
-  import jax.numpy as jnp
-  from emo_jax.models.llama import LlamaConfig
   kw = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
             dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=True,
@@ -149,13 +148,8 @@ def program_from_config(config, *, total_steps: int = 1000) -> Program:
   follows docs/INTERFACES.md "The batch" at the config's pipeline sizes, padded to the
   largest bucket (the worst case the step is compiled for).
   """
-  import jax
-  import jax.numpy as jnp
-  from emo_jax import sharding as sharding_lib
-  from emo_jax.train import optimizer as opt_lib
-  from emo_jax.train import task as task_lib
 
-  rules = _config_rules(config, sharding_lib)
+  rules = _config_rules(config)
   model_cfg = task_lib.model_config(config)
   graphdef, params, rngs, frozen = _split_abstract(
     lambda: task_lib.build_model(config), task_lib.trainable_filter(model_cfg))
@@ -203,11 +197,10 @@ def program_from_config(config, *, total_steps: int = 1000) -> Program:
 
 
 def nnx_state_merge(*states):
-  from flax import nnx
   return nnx.merge_state(*states)
 
 
-def _config_rules(config, sharding_lib):
+def _config_rules(config):
   sh = config.get("sharding") if hasattr(config, "get") else None
   if sh is not None and sh.get("rules") is not None:
     rules = sh.rules
@@ -221,23 +214,18 @@ def _config_rules(config, sharding_lib):
 
 
 def abstract_train_state(program: Program):
-  import jax
-  from emo_jax.train import state as state_lib
   return jax.eval_shape(lambda p, r: state_lib.create_train_state(p, r, program.tx),
                         program.params, program.rngs)
 
 
 def compile_step(program: Program, mesh, global_batch: int):
   """Lower + compile the sharded, donated train step for abstract inputs."""
-  import jax
-  from emo_jax import sharding as sharding_lib
-  from emo_jax.train import step as step_lib
   state = abstract_train_state(program)
   # The same sharding function the training loop uses (optimizer moments mirror params).
-  state_sh, frozen_sh = step_lib.state_and_frozen_shardings(state, program.frozen, mesh,
+  state_sh, frozen_sh = sharding_lib.state_and_frozen_shardings(state, program.frozen, mesh,
                                                             program.rules)
   batch = program.batch_spec(global_batch)
-  batch_sh = step_lib.batch_sharding(mesh)
+  batch_sh = sharding_lib.batch_sharding(mesh)
   fn = step_lib.jit_train_step(program.graphdef, program.tx, program.loss_fn,
                                state_shardings=state_sh, frozen_shardings=frozen_sh,
                                batch_sharding=batch_sh, accum_steps=program.accum_steps,
@@ -271,9 +259,6 @@ def read_stats(compiled) -> dict:
 
 def step_matmul_flops(program: Program, global_batch: int) -> tuple[float, int]:
   """Matmul FLOPs of one whole train step (all devices) from its jaxpr."""
-  import jax
-  from emo_jax.models.flops import jaxpr_matmul_flops
-  from emo_jax.train import step as step_lib
   state = abstract_train_state(program)
   fn = functools.partial(step_lib.train_step, program.graphdef, program.tx, program.loss_fn,
                          accum_steps=program.accum_steps, compute_dtype=program.compute_dtype)
@@ -393,7 +378,7 @@ def to_markdown(report: dict, command: str) -> str:
     f"Mesh {mesh} on {report['devices']} fake CPU devices; rules: "
     + ", ".join(f"{k}->{v}" for k, v in report["rules"]) + ".",
     "Everything abstract (ShapeDtypeStruct + NamedSharding); numbers are XLA:CPU's "
-    "per-device buffer assignment of the compiled SPMD step (see emo_jax/memory_plan.py for "
+    "per-device buffer assignment of the compiled SPMD step (see emo_jax/perf/memory_plan.py for "
     "caveats: TPU compilers differ, so confirm on hardware).",
     "",
   ]
@@ -448,41 +433,19 @@ def write_report(report: dict, out: str | os.PathLike, command: str) -> tuple[pa
   return j, m
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def _parse_mesh(text: str) -> tuple[int, int, int]:
-  parts = tuple(int(p) for p in text.split(","))
-  if len(parts) != 3:
-    raise ValueError(f"--mesh must be data,fsdp,tensor, got {text!r}")
-  return parts
-
-
-def _force_devices(n: int) -> None:
-  """Ask for n fake CPU devices; must run before jax's backend starts."""
-  flag = f"--xla_force_host_platform_device_count={n}"
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  os.environ["XLA_FLAGS"] = " ".join(flags + [flag])
-  os.environ["JAX_PLATFORMS"] = "cpu"
-
-
 def expected_argument_bytes(program: Program, mesh, global_batch: int) -> int:
   """Per-device bytes of the step's inputs, from their shardings' shard shapes (a check on
   memory_analysis(): every argument is one shard per device). An upper bound when the step
   leaves some inputs unread: jit drops unused arguments."""
-  import jax
-  import numpy as np
-  from emo_jax.train import step as step_lib
   state = abstract_train_state(program)
   total = 0
   trees = (state, program.frozen)
-  shards = step_lib.state_and_frozen_shardings(state, program.frozen, mesh, program.rules)
+  shards = sharding_lib.state_and_frozen_shardings(state, program.frozen, mesh, program.rules)
   for tree, shardings in zip(trees, shards):
     # Leaves of the abstract tree (ShapeDtypeStructs) pair up with NamedShardings.
     for val, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
       total += math.prod(sh.shard_shape(val.shape)) * np.dtype(val.dtype).itemsize
-  bsh = step_lib.batch_sharding(mesh)
+  bsh = sharding_lib.batch_sharding(mesh)
   for x in jax.tree.leaves(program.batch_spec(global_batch)):
     total += math.prod(bsh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
   return int(total)
@@ -492,7 +455,6 @@ def run_plan(program: Program, mesh_shape: Sequence[int], micro_batch: int = 1,
              search: bool = True, budgets_gib: Mapping[str, float] | None = None,
              out: str | None = None, command: str = "", log=print) -> dict:
   """Plan `program` on a mesh of the current (fake) devices; optionally write the report."""
-  from emo_jax import sharding as sharding_lib
   mesh = sharding_lib.make_mesh(tuple(mesh_shape))
   planner = Planner(program, mesh, log=log)
   report = plan_report(planner, micro_batch, budgets_gib or BUDGETS_GIB, search=search)
@@ -502,44 +464,8 @@ def run_plan(program: Program, mesh_shape: Sequence[int], micro_batch: int = 1,
   return report
 
 
-def main(argv: Sequence[str]) -> None:
-  from absl import flags
-  del argv
-  f = flags.FLAGS
-  _force_devices(f.devices)
-  import jax
-  jax.config.update("jax_platforms", "cpu")
-  from emo_jax import sharding as sharding_lib
-  if len(jax.devices()) != f.devices:
-    raise RuntimeError(f"wanted {f.devices} fake devices, jax has {len(jax.devices())} (the "
-                       "backend started before --devices could apply)")
-  if f.config is not None:
-    program = program_from_config(f.config)
-  else:
-    program = llama_lora_program(llama2_7b_config(), seq_len=f.seq_len, lora_rank=8,
-                                 name="llama2_7b_lora_r8")
-  if f.rules:
-    program.rules = sharding_lib.PRESETS[f.rules]
-  command = "python -m emo_jax.memory_plan " + " ".join(sys.argv[1:])
-  report = run_plan(program, _parse_mesh(f.mesh), f.micro_batch, f.search, out=f.out,
-                    command=command, log=lambda s: print(s, flush=True))
-  print(to_markdown(report, command))
-
-
-def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "configs/*.py[:arg] file", lock_config=False)
-  flags.DEFINE_integer("devices", 8, "number of fake CPU devices")
-  flags.DEFINE_string("mesh", "1,8,1", "data,fsdp,tensor mesh shape")
-  flags.DEFINE_integer("micro_batch", 1, "per-device micro-batch to report in full")
-  flags.DEFINE_boolean("search", True, "search the largest micro-batch for v5e / v5p HBM")
-  flags.DEFINE_enum("rules", None, ["dp", "fsdp", "fsdp_tp"], "override the config's rules")
-  flags.DEFINE_integer("seq_len", 2048, "sequence length (built-in LLaMA-7B plan, no --config)")
-  flags.DEFINE_string("out", None, "write <out>.json and <out>.md")
-
-
-if __name__ == "__main__":
-  from absl import app
-  _define_flags()
-  app.run(main)
+def parse_mesh(text: str) -> tuple[int, int, int]:
+  parts = tuple(int(p) for p in text.split(","))
+  if len(parts) != 3:
+    raise ValueError(f"--mesh must be data,fsdp,tensor, got {text!r}")
+  return parts

@@ -1,0 +1,1 @@
+"""Inference jobs that run a model over a dataset (e.g. the frozen face priors)."""
