@@ -40,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from emo_jax.dtypes import to_dtype  # noqa: E402
 from emo_jax.memory_plan import read_stats  # noqa: E402
 from emo_jax.models.flops import jaxpr_matmul_flops, lora_step_flops  # noqa: E402
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -119,7 +120,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   d = DEFAULTS[args.shape]
   batch, seq = args.batch or d["batch"], args.seq or d["seq"]
-  dtype = jnp.dtype(args.dtype or d["dtype"])
+  dtype = to_dtype(args.dtype or d["dtype"])
   targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
   shape = dict(SHAPES[args.shape])
   if args.layers:

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emo_jax.dtypes import to_dtype
 from emo_jax.models import face as face_lib
 from emo_jax.models import pixels as pixels_lib
 from emo_jax.models.face import AGR_TEMPLATE, FaceInfoMining, FaceMiningConfig
@@ -96,7 +97,7 @@ def _from_jsonable(cls: type, d: Mapping[str, Any]) -> Any:
     raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
   for k, v in d.items():
     if k in ("dtype", "param_dtype") and isinstance(v, str):
-      v = jnp.dtype(v)
+      v = to_dtype(v)
     elif isinstance(v, list):
       v = tuple(v)
     kw[k] = v

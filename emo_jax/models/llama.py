@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emo_jax.dtypes import to_dtype
 from emo_jax.models.layers import (DEFAULT_CHUNK, RMSNorm, apply_rotary,
                                    chunked_causal_attention, dot_product_attention,
                                    linear_cross_entropy,
@@ -32,10 +33,6 @@ from emo_jax.sharding import constrain
 Cache = dict[str, jax.Array]
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-
-
-def _dtype(x: Any) -> Any:
-  return jnp.dtype(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +80,8 @@ class LlamaConfig:
       rope_type(scaling)
       rope_inv_freq(self.head_dim, self.rope_theta, scaling)  # validates the type early
       object.__setattr__(self, "rope_scaling", _FrozenDict(scaling))
-    object.__setattr__(self, "dtype", _dtype(self.dtype))
-    object.__setattr__(self, "param_dtype", _dtype(self.param_dtype))
+    object.__setattr__(self, "dtype", to_dtype(self.dtype))
+    object.__setattr__(self, "param_dtype", to_dtype(self.param_dtype))
 
   def replace(self, **kw) -> "LlamaConfig":
     return dataclasses.replace(self, **kw)
@@ -453,7 +450,7 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) ->
   """An empty KV cache: k/v [layers, B, kv_heads, max_len, head_dim] (heads-major, so decode
   attention reads it without a per-step transpose), the write `index` (scalar), the valid-slot
   `mask` [B, max_len] and each row's next position id [B]."""
-  dtype = cfg.dtype if dtype is None else _dtype(dtype)
+  dtype = cfg.dtype if dtype is None else to_dtype(dtype)
   shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
   return {
     "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
