@@ -1,14 +1,9 @@
 """LLaMA decoder (LLaMA-1/2/3, Vicuna, ...) in Flax NNX with HF-mirroring parameter names.
 
-Architecture facts (Touvron et al. 2023 and the HF `LlamaForCausalLM` reference): pre-norm
-decoder blocks with RMSNorm, rotate-half RoPE, SwiGLU MLP (`down(silu(gate(x)) * up(x))`),
-grouped-query attention, no biases by default, optional tied input/output embeddings.
-
-Our choices: norms, softmax and logits in fp32; `dtype` is the compute dtype and `param_dtype`
-the storage dtype; an optional scan over layers (`scan_layers`, parameters stacked along a
-leading `layers` axis) and a remat policy; default position ids are
-`cumsum(attention_mask) - 1` clipped at 0, so masked slots do not advance positions; the KV cache
-is a plain dict pytree (functional), see `init_cache`.
+Pre-norm RMSNorm blocks, rotate-half RoPE, SwiGLU MLP, grouped-query attention, as HF
+`LlamaForCausalLM`. `dtype` is the compute dtype and `param_dtype` the storage dtype; norms,
+softmax and logits run in fp32; layers can be scanned (`scan_layers`) and rematerialised;
+the KV cache is a plain dict pytree (`init_cache`). Facts vs our choices: docs/MODEL.md, "LLM".
 
 Parameter layout: nnx.Linear kernels are [in, out] (HF weights transposed), `embed_tokens` is an
 `nnx.Embed` with `embedding` [vocab, hidden], RMSNorm scales are called `weight`.
