@@ -23,6 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from emo_jax.dtypes import NAMES as DTYPE_NAMES, to_dtype  # noqa: E402
 from emo_jax.models import facexformer as fx  # noqa: E402
 from emo_jax.jobs.precompute_priors import PriorRunner  # noqa: E402
 
@@ -43,13 +44,13 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--iters", type=int, default=5)
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
   parser.add_argument("--tiny", action="store_true", help="tiny config (smoke test)")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "face_prior"))
   args = parser.parse_args(argv)
 
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  dtype = to_dtype(args.dtype)
   if args.tiny:
     cfg = fx.tiny_config(dtype=dtype)
   else:

@@ -17,8 +17,8 @@ pixels: the CLIP / ImageNet normalisation is not host work any more, it runs ins
 jitted model on the accelerator (emo_jax.models.pixels), so it is not in either number.
 
 Both are timed in this one process over the same clips, each as the best of --repeats full
-passes (the first pass of either pays one-time costs; a shared machine is noisy). Target
-(issue 4): pipeline costs at most 25% over raw decoding (`pipeline_overhead_vs_raw` <= 0.25).
+passes (the first pass of either pays one-time costs; a shared machine is noisy). Target:
+the pipeline costs at most 25% over raw decoding (`pipeline_overhead_vs_raw` <= 0.25).
 """
 from __future__ import annotations
 

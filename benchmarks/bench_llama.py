@@ -4,7 +4,7 @@ transformers (+ peft) on torch CPU, measured in the same run on the same machine
     python benchmarks/bench_llama.py            # full measurement
     python benchmarks/bench_llama.py --quick    # fewer repetitions, proves the script runs
 
-Configs are the ones fixed by issue 2:
+Configs (fixed, so results compare across runs and machines):
 - LoRA step (fp32): 4 layers, hidden 512, FFN 1376, 8 heads, vocab 32000, seq 512, batch 4,
   LoRA r=16 alpha=32 on q/k/v/o; forward + backward + AdamW on the LoRA params only.
 - Greedy decode: same model, batch 4, prompt 64, 128 new tokens, KV cache.

@@ -4,7 +4,7 @@
     python benchmarks/bench_llama_mfu.py --shape tiny --steps 3  # the same code path on a CPU
     python benchmarks/bench_llama_mfu.py --plan-only             # 7B memory plan, no weights
 
-The `7b` shape is issue 2's GPU measurement: LLaMA-2-7B (32 layers, d4096, FFN 11008, 32
+The `7b` shape is the accelerator measurement: LLaMA-2-7B (32 layers, d4096, FFN 11008, 32
 heads, vocab 32000), bf16 weights and compute, seq 2048, LoRA r16 alpha32 on q/k/v/o (the
 bench_llama targets; `--targets` takes others), layers scanned, a remat policy
 (`--remat`, default `dots_no_batch`: keep projection outputs, recompute attention), the
@@ -19,7 +19,7 @@ Reported:
 - HFU = the matmuls the compiled step actually traces (remat recompute in, masked attention
   blocks skipped) / step time / peak;
 - a measured square matmul in the step's dtype, the device's practical limit.
-The MaxText anchor quoted in issue 2 (about 50% MFU) is for full fine-tuning; a LoRA step
+MaxText's published LLaMA-2-7B figure (about 50% MFU) is for full fine-tuning; a LoRA step
 does no frozen-weight gradients, so its model FLOPs are about 2/3 of full training's.
 """
 from __future__ import annotations
@@ -40,8 +40,9 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from emo_jax.perf.memory_plan import read_stats  # noqa: E402
+from emo_jax.dtypes import to_dtype  # noqa: E402
 from emo_jax.perf.flops import jaxpr_matmul_flops, lora_step_flops  # noqa: E402
+from emo_jax.perf.memory_plan import read_stats  # noqa: E402
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from emo_jax.models.lora import apply_lora, trainable_filter  # noqa: E402
 from emo_jax.train.loop import peak_flops_of_kind  # noqa: E402
@@ -119,7 +120,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   d = DEFAULTS[args.shape]
   batch, seq = args.batch or d["batch"], args.seq or d["seq"]
-  dtype = jnp.dtype(args.dtype or d["dtype"])
+  dtype = to_dtype(args.dtype or d["dtype"])
   targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
   shape = dict(SHAPES[args.shape])
   if args.layers:

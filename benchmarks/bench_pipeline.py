@@ -6,7 +6,7 @@ the same frames, and images/s. Writes benchmarks/results/pipeline.{json,md}.
 - pipeline: `media.decode_video` (demux scan + seek to keyframes + forward decode of the
   same sampled frames) + `media.preprocess_vit` (pad to square, resize to 224, CLIP
   normalise to float32).
-Target (issue 4): pipeline time <= 1.25 x raw time. Clips are synthetic faces rendered by
+Target: pipeline time <= 1.25 x raw time. Clips are synthetic faces rendered by
 input_pipeline.synthetic and encoded with libx264 at two keyframe intervals.
 
   python benchmarks/bench_pipeline.py            # default

@@ -10,25 +10,23 @@ Our choices, different from the paper config on purpose:
 - the vision tower is *trainable* here (it is random, so a frozen one would only give
   random features); in the paper config it is a frozen pretrained EVA-ViT-G;
 - the LLM is trained in full and LoRA is off (a random 2-layer LLM has nothing to adapt);
-- images only (no clips) so that train + eval + export finish in ~7 minutes on 2 CPU
-  cores; `:video` adds the DFEW-layout clips (4 frames) and a 5-fold video evaluation.
+- images only (no clips) so that train + eval + export stay short on 2 CPU cores;
+  `:video` adds the DFEW-layout clips (4 frames) and a 5-fold video evaluation.
 
 get_config(arg): arg is a comma list of presets: 'video' (add clips), 'test' (even
 smaller and shorter, for the test suite).
 """
 import ml_collections
 
+from configs import base
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  presets = set(filter(None, (arg or "").split(",")))
-  unknown = presets - {"video", "test"}
-  if unknown:
-    raise ValueError(f"unknown default.py presets {sorted(unknown)}; known: video, test")
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+  presets = base.parse_presets(arg, config="default.py", flags=("video", "test"))
+  c = base.get_base_config()
 
   # ---- model (emo_jax.models.emo_llama.EmoLlamaConfig as data)
-  m = c.model = ml_collections.ConfigDict()
+  m = c.model
   m.llm = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
@@ -40,84 +38,50 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    intermediate_size=64, max_position_embeddings=64, encoder_hidden_size=48,
                    num_query_tokens=4, cross_attention_frequency=2)
   m.compress_type = "grid:2"          # 4 content tokens per frame: keeps where the mouth is
-  m.use_face = True
   m.face_prior = "tiny"
   m.tiny_face_prior = dict(image_size=32, channels=(8, 16), feat_dim=16, global_grid=2)
   m.face = dict(face_dim=16, hidden_dim=32, num_heads=2, num_tokens=2, query_mode="learned",
                 qformer_dim=32)
   m.trainable = ("vision", "qformer", "projectors", "face", "llm")
-  m.lora_rank = 0
-  m.lora_alpha = 16.0
 
-  # ---- pretrained weights (none: everything is random in the default)
-  c.init = ml_collections.ConfigDict(dict(bundle="", llama_vid="", llm="", vision="", qformer="",
-                                          face_prior="", allow_pickle=False))
-
-  # ---- data
-  d = c.data = ml_collections.ConfigDict()
-  d.root = ""                      # '' -> <workdir>/data
-  d.tokenizer = ""                 # '' -> made with the synthetic data
-  d.qformer_vocab = ""
-  d.strict = False
+  # ---- data: the synthetic stills, made on first use (tokenizers too)
+  d = c.data
   d.synthetic = dict(generate=True, num_images=2100, num_clips=0, seed=0, image_size=64)
   d.train = [dict(name="synthetic", kind="image", split="train")]
   d.eval = [dict(name="synthetic", kind="image", split="test", label="synthetic_images")]
-  d.pipeline = dict(global_batch_size=16, num_frames=1, max_length=160, bucket_lengths=(160,),
-                    qformer_max_length=24, aspect="pad", face_mode="aligned",
-                    shuffle_options=True, worker_count=0, read_threads=1,
-                    priors_dir="", agr_prompt=False)   # docs/FROZEN_PRIORS.md
+  d.pipeline.update(global_batch_size=16, num_frames=1, max_length=160, bucket_lengths=(160,),
+                    qformer_max_length=24, face_mode="aligned", worker_count=0, read_threads=1)
 
   # ---- optimisation
-  o = c.optimizer = ml_collections.ConfigDict()
+  o = c.optimizer
   o.lr = 2e-3
   o.warmup_frac = 0.05
   o.end_lr_frac = 0.05
-  o.weight_decay = 0.0
-  o.b1, o.b2, o.eps = 0.9, 0.98, 1e-8
-  o.grad_clip = 1.0
+  o.b2 = 0.98
   o.groups = (("vision", r"^vision_tower/", 1e-3),)   # (name, regex, peak lr)
 
-  t = c.train = ml_collections.ConfigDict()
+  t = c.train
   t.num_steps = 2400
-  t.num_epochs = 0.0               # used when num_steps <= 0
-  t.accum_steps = 1
-  t.compute_dtype = "float32"      # 'bfloat16' casts params for the forward/backward
+  t.num_epochs = 0.0
+  t.compute_dtype = "float32"
   t.log_every = 25
-  t.peak_flops_per_device = 180e9  # the 2-core CI box's fp32 matmul rate (for MFU)
-  t.log_batch_hashes = False       # write <workdir>/batch_hashes.<process>.jsonl (provenance)
 
-  k = c.checkpoint = ml_collections.ConfigDict()
+  k = c.checkpoint
   k.every_steps = 600
-  k.every_secs = 0.0               # > 0: also save when this many seconds passed
+  k.every_secs = 0.0
   k.max_to_keep = 2
-  k.keep_period = 0                # > 0: keep every step that is a multiple of it
-  k.async_save = True
+  k.keep_period = 0
 
-  c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1)))
-  c.sharding = ml_collections.ConfigDict(dict(rules="fsdp"))
-
-  # ---- evaluation (run at the end of training when at_end)
-  e = c.eval = ml_collections.ConfigDict()
-  e.at_end = True
-  e.modes = ("generate", "likelihood")
+  e = c.eval
   e.batch_size = 32
   e.max_new_tokens = 4
-  e.max_examples = 0               # > 0: evaluate on a prefix (quick checks)
 
-  # ---- predict (see emo_jax.train.predict)
-  p = c.predict = ml_collections.ConfigDict()
-  p.dataset = "synthetic"          # whose class list is offered / scored
-  p.face_mode = "detect"           # a face must be found ('aligned': skip detection)
+  p = c.predict
+  p.dataset = "synthetic"
   p.crop_to_face = False           # the synthetic model saw whole aligned frames
-  p.face_margin = 0.2
-  p.window_secs = 2.0              # longer videos get a per-window timeline
   p.max_new_tokens = 8
 
-  # ---- export
-  x = c.export = ml_collections.ConfigDict()
-  x.at_end = True
-  x.formats = ("hf", "peft", "bundle")
-  x.dtype = "float32"
+  c.export.dtype = "float32"
 
   if "video" in presets:
     d.synthetic.num_clips = 140

@@ -5,14 +5,12 @@ hands dots to YNNPACK by default (one library call per dot) and compiles everyth
 its own loop emitters. What suits a program depends on its shape:
 
 - training steps (large matmuls surrounded by softmax / norm / activation elementwise work):
-  also let YNNPACK run the elementwise and reduce fusions (`train_compiler_options`). An ad-hoc
-  interleaved A/B of the `benchmarks/bench_llama.py` LoRA step (2-core CPU, chunk-64 cross
-  entropy): 1.999 -> 1.894 s/step with glibc malloc set to reuse memory, 2.110 -> 2.095 s/step
-  with the default malloc (best of 12 / 10 rounds). Results are equal (same loss to all
-  printed digits; the test suite runs with these options).
+  also let YNNPACK run the elementwise and reduce fusions (`train_compiler_options`); this
+  made the `benchmarks/bench_llama.py` LoRA step faster on CPU, with equal results (the test
+  suite runs with these options).
 - decoding ([B, D] x [D, N] matrix-vector products, memory-bound): XLA's own Eigen dots stream
-  the weights faster than YNNPACK (`decode_compiler_options`; 1.51 -> 1.24 s for the
-  bench_llama decode of 128 new tokens).
+  the weights faster than YNNPACK (`decode_compiler_options`, measured with the bench_llama
+  decode).
 
 A caller that writes its own `jax.jit` around a step or a decode passes these as
 `compiler_options=`; the library's `jit_train_step` and `generate` already do.

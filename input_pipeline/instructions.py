@@ -1,6 +1,6 @@
 """Category instructions for any labelled dataset (so it trains without an instruction file).
 
-Fact (FERID / shared/DESIGN.md): a category instruction asks
+Fact (FERID; docs/DATASETS.md): a category instruction asks
   "What is the facial expression of the person in the image? Choose one from the
    following options: {surprise, fear, ...}."
 and the answer is the label word.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-# Index i is the class with (0-based) id i in the release; see shared/REFERENCE.md.
+# Index i is the class with (0-based) id i in the release; see docs/DATASETS.md.
 CLASSES: dict[str, tuple[str, ...]] = {
     # RAF-DB basic: ids 1..7 in the label file.
     "rafdb": ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral"),

@@ -27,8 +27,8 @@ text is the first question without placeholder and without the AGR sentence; a s
 example shifts later batches (batches stay full), identical in a restored run;
 `global_batch_size` is split evenly over processes.
 
-Frozen-prior mode (`PipelineConfig.priors_dir`, issue 7): the face prior network is frozen,
-so `emo_jax.jobs.precompute_priors` runs it once per sample and stores its outputs by
+Frozen-prior mode (`PipelineConfig.priors_dir`, docs/FROZEN_PRIORS.md): the face prior network
+is frozen, so `emo_jax.jobs.precompute_priors` runs it once per sample and stores its outputs by
 `Record.id`. With `priors_dir` set, the builder looks each example up in that `PriorStore`
 (a missing id is the counted skip 'missing_priors'; strict: an error) and puts
 `face_global` / `face_local` [F, G|L, Cf] into the batch instead of `face_crops` (no face

@@ -1,27 +1,14 @@
 """The `vicuna_v1` conversation template: prompt text, token ids, visual slots, loss mask.
 
-Facts (LLaVA / LLaMA-VID `conv_vicuna_v1`, separator style TWO): the prompt is
-  "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>..."
-with BOS first; the `<image>` placeholder is moved to the front of the first user turn
-as "<image>\\n{question}" (LLaVA's preprocess_multimodal); the text chunks around the
-placeholder are tokenised separately, each with SentencePiece's dummy prefix (LLaVA's
-tokenizer_image_token); "</s>" is the EOS id, and text after it starts a new chunk.
-
-Our choices (the EMO-LLaMA code is not public):
-- Ids are built chunk by chunk, so the loss mask is exact by construction: 1 exactly on
-  each assistant answer's tokens and the EOS that ends it, 0 elsewhere (system prompt,
-  role tags, questions, visual slots). Chunks are cut at single spaces, where
-  SentencePiece (split_by_whitespace) cuts anyway, so the ids equal those of
-  tokenising the rendered prompt in its '<image>'/'</s>' chunks.
-- The placeholder becomes `num_visual_slots` copies of IMAGE_TOKEN_ID (-200)
-  (docs/INTERFACES.md "The batch").
-- The AGR sentence (age/gender/race, EMO-LLaMA) goes right after the placeholder line,
-  before the first question: "<image>\\n{agr} {question}".
-- Truncation to `max_length` never cuts the visual slots: it first drops whole rounds
-  (training: from the end; generation prompts: the middle ones, keeping the first and
-  the asked one), then trims the first question's text from its end, then the first
-  answer's tail. If the system prompt, role tags and slots alone do not fit, it raises
-  ValueError (a config error, not a bad input).
+The prompt is "{system} USER: {q1} ASSISTANT: {a1}</s>USER: ..." with BOS first and the
+`<image>` placeholder at the front of the first user turn, as LLaVA / LLaMA-VID build it.
+Ids are built chunk by chunk, so the loss mask is exact by construction (1 on each answer and
+its EOS); the placeholder becomes `num_visual_slots` copies of IMAGE_TOKEN_ID (-200,
+docs/INTERFACES.md "The batch"); the AGR sentence goes right after the placeholder line.
+Truncation to `max_length` never cuts the visual slots: it drops whole rounds, then trims the
+first question, then the first answer's tail; if the fixed parts alone do not fit it raises
+ValueError (a config error, not a bad input). Facts vs our choices: docs/MODEL.md,
+"Conversation template".
 """
 from __future__ import annotations
 

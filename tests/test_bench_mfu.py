@@ -1,5 +1,5 @@
 """benchmarks/bench_llama_mfu.py runs end to end on a tiny shape and reports consistent numbers
-(the 7B GPU measurement of issue 2 runs this same code path)."""
+(the 7B accelerator measurement runs this same code path)."""
 import json
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""Every config file in configs/ loads, builds a valid model config, and sweeps expand."""
+"""Every config file in configs/ loads, builds a valid model config, and sweeps expand;
+presets and dtype names are parsed strictly."""
 import glob
 import importlib.util
 import os
@@ -10,7 +11,9 @@ from emo_jax.train import task as task_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-CONFIG_FILES = [f for f in CONFIG_FILES if not f.endswith("__init__.py")]
+# base.py is the shared tree the experiment files override, not an experiment itself.
+CONFIG_FILES = [f for f in CONFIG_FILES
+                if os.path.basename(f) not in ("__init__.py", "base.py")]
 
 ARGS = {"default.py": [None, "video", "test", "video,test"],
         "emo_llama_7b.py": [None, "fsdp_tp", "dp,video"],
@@ -46,6 +49,62 @@ def test_config_loads_and_model_config_is_valid(name, arg):
 def test_bad_preset_is_an_error():
   with pytest.raises(ValueError, match="preset"):
     _load(os.path.join(ROOT, "configs", "default.py")).get_config("nope")
+
+
+def test_preset_errors_name_the_valid_presets():
+  seven_b = _load(os.path.join(ROOT, "configs", "emo_llama_7b.py"))
+  with pytest.raises(ValueError, match="valid presets.*fsdp, fsdp_tp, dp, video"):
+    seven_b.get_config("fsdp,vidoe")
+  with pytest.raises(ValueError, match="exclude each other"):
+    seven_b.get_config("dp,fsdp_tp")
+  assert seven_b.get_config("video,dp").sharding.rules == "dp"
+  assert seven_b.get_config("video,dp").mesh.shape == (-1, 1, 1)
+  assert seven_b.get_config(None).sharding.rules == "fsdp"
+
+
+def test_parse_presets():
+  from configs import base
+  p = base.parse_presets(" test , video", config="x.py", flags=("video", "test"))
+  assert "video" in p and "test" in p and p.choice is None
+  assert base.parse_presets("", config="x.py", flags=("a",), one_of=("b", "c")) == \
+      base.Presets(flags=frozenset(), choice="b")
+  with pytest.raises(ValueError, match=r"x.py: unknown preset\(s\) 'z'; valid presets .*: b, c, a"):
+    base.parse_presets("a,z", config="x.py", flags=("a",), one_of=("b", "c"))
+
+
+def test_experiment_configs_override_the_base_tree():
+  """Every base field exists, with the base's type, in every experiment config."""
+  from configs import base
+
+  def leaves(d, pre=""):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        yield from leaves(v, pre + k + ".")
+      else:
+        yield pre + k, v
+
+  want = dict(leaves(base.get_base_config().to_dict()))
+  for name, args in ARGS.items():
+    got = dict(leaves(_load(os.path.join(ROOT, "configs", name)).get_config(args[0]).to_dict()))
+    for k, v in want.items():
+      assert k in got, (name, k)
+      assert type(got[k]) is type(v), (name, k, got[k], v)
+
+
+def test_dtype_names():
+  import jax.numpy as jnp
+  from emo_jax import dtypes
+  assert dtypes.to_dtype("bfloat16") == jnp.bfloat16
+  assert dtypes.to_dtype(jnp.float16) == jnp.dtype("float16")
+  assert dtypes.compute_dtype("") is None and dtypes.compute_dtype("float32") is None
+  assert dtypes.compute_dtype("bfloat16") == jnp.bfloat16
+  with pytest.raises(ValueError, match="unknown dtype name 'bf16'; valid names: float32, "
+                                       "bfloat16, float16"):
+    dtypes.to_dtype("bf16")
+  cfg = _load(os.path.join(ROOT, "configs", "default.py")).get_config("test")
+  cfg.model.llm.dtype = "fp32"
+  with pytest.raises(ValueError, match="unknown dtype name 'fp32'"):
+    task_lib.model_config(cfg)
 
 
 def test_paper_config_facts():

@@ -1,6 +1,6 @@
 """Import EVA-ViT-G weights in the LAVIS `eva_vit_g.pth` key layout into `VisionTransformer`.
 
-Key layout (checkpoint facts, see shared/REFERENCE.md): `cls_token` [1,1,C],
+Key layout (docs/CHECKPOINTS.md, "EVA-ViT-G"): `cls_token` [1,1,C],
 `pos_embed` [1,1+g*g,C], `patch_embed.proj.{weight,bias}`, and per block
 `blocks.i.{norm1,norm2}`, `blocks.i.attn.qkv.weight` [3C, C] (no bias tensor),
 `blocks.i.attn.{q_bias,v_bias}` (the qkv bias is cat(q_bias, 0, v_bias)),

@@ -159,24 +159,24 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 def _variables(model: nnx.Module) -> dict[str, tuple[nnx.Variable, Any]]:
   """Dotted path -> (variable, owning module) for every Variable of the model."""
-  owners: dict[tuple, Any] = {}
+  parents: dict[tuple, Any] = {}
   out = {}
   for path, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Module):
-      owners[tuple(path)] = node
+      parents[tuple(path)] = node
   for path, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Variable):
-      out[".".join(str(p) for p in path)] = (node, owners.get(tuple(path[:-1])))
+      out[".".join(str(p) for p in path)] = (node, parents.get(tuple(path[:-1])))
   return out
 
 
-def _layout(value: np.ndarray, owner: Any, torch_name: str) -> np.ndarray:
+def _layout(value: np.ndarray, parent: Any, torch_name: str) -> np.ndarray:
   """Torch layout -> ours, decided by the owning module (never by a shape coincidence)."""
   if not torch_name.endswith("weight"):
     return value
-  if isinstance(owner, nnx.Conv):  # torch [O, I, kh, kw] -> [kh, kw, I, O]
+  if isinstance(parent, nnx.Conv):  # torch [O, I, kh, kw] -> [kh, kw, I, O]
     return value.transpose(2, 3, 1, 0)
-  if isinstance(owner, nnx.Linear):
+  if isinstance(parent, nnx.Linear):
     if value.ndim == 4:  # a 1x1 conv used as a Linear (linear_fuse)
       if value.shape[2:] != (1, 1):
         raise ValueError(f"{torch_name}: expected a 1x1 conv, got {value.shape}")
@@ -217,8 +217,8 @@ def load_torch_state_into(model: nnx.Module, state: Mapping[str, Any], key_fn, *
         continue
       unknown.append(name)
       continue
-    var, owner = variables[path]
-    arr = _layout(value, owner, name)
+    var, parent = variables[path]
+    arr = _layout(value, parent, name)
     if tuple(arr.shape) != tuple(var.shape):
       raise ValueError(f"{name} -> {path}: shape {arr.shape} does not fit {var.shape}")
     var.set_value(jnp.asarray(arr, dtype=var.dtype))

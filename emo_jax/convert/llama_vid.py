@@ -1,6 +1,6 @@
 """Import a whole LLaMA-VID checkpoint into `EmoLlama`.
 
-Checkpoint facts (shared/REFERENCE.md; dvlab-research/LLaMA-VID `llamavid_arch.py`):
+Checkpoint facts (docs/CHECKPOINTS.md, "LLaMA-VID"):
 - LLM: standard HF LLaMA keys (`model.embed_tokens`, `model.layers.N.*`, `model.norm`,
   `lm_head`), read by `emo_jax.convert.llama_hf.load_llama` from the same directory.
 - Q-Former: `model.vlm_att_encoder.bert.*` (LAVIS/BERT names) + `model.vlm_att_query`

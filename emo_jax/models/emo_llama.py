@@ -1,38 +1,17 @@
 """EMO-LLaMA: LLaMA-VID (context + content tokens per frame) + Face Info Mining.
 
-Per frame f of a sample (shared/DESIGN.md "The model", docs/INTERFACES.md "The batch"):
+Per frame: the ViT (`vision_tower`) gives X [257, Cv]; the text-guided Q-Former
+(`vlm_att_*`) turns the instruction into text queries that pool the patch tokens into one
+context token; the patch tokens give content tokens (`mean` | `grid:g` | `none`) through
+`mm_projector`; `face_mining` turns the frozen face prior's features into face tokens. A
+frame's tokens are `[context, content..., face...]` and fill, in order, the
+`F * tokens_per_frame` IMAGE_TOKEN_ID slots the pipeline put in place of `<image>`; slots of
+padding frames get a zero embedding and attention mask 0. Frames are folded into the batch
+([B*F, ...]) for the ViT, Q-Former and face modules.
 
-1. `vision_tower` (ViT, frozen by default): pixels -> X [257, Cv] (CLS + 16x16 patches).
-2. Text-guided Q-Former (`vlm_att_encoder`, queries `vlm_att_query`): the learned queries and
-   the instruction text attend to `vlm_att_ln(X)` (CLS included) -> [Q, 768];
-   `vlm_att_projector` (768 -> Cv) gives the text queries Q_t.
-3. Context token. LLaMA-VID's `token_generation` (read in dvlab-research/LLaMA-VID,
-   llamavid/model/llamavid_arch.py) does, with X_p the patch tokens (CLS dropped):
-   `K = vlm_att_key_projector(X_p)`; `s = Q_t K^T / sqrt(Cv)` where Cv is the width of the raw
-   visual features X_p (not of a projection); `ctx = mean_over_queries(softmax(s) X_p)` — the
-   values are the *raw* X_p, no value projection before the product; then
-   `vlm_att_val_projector` (Cv -> D) maps the pooled vector to one LLM token. We follow this
-   order exactly (the softmax in fp32 is our choice).
-4. Content tokens from X_p: `mean` (1 token) | `grid:g` (g*g tokens, average pooling with
-   kernel = stride = 16/g, as LLaMA-VID's avg_pool2d; we require g to divide the patch grid)
-   | `none` (all patches); then `mm_projector` = Linear(Cv->D), exact GELU, Linear(D->D)
-   (LLaMA-VID `mlp2x_gelu`; its `mm_projector.0/.2` are our `linear_1/linear_2`).
-5. Face tokens (EMO-LLaMA): `face_mining` over the frozen face prior's global + local
-   features (computed by `face_prior` from `face_crops`, or precomputed in the batch).
-
-Per frame the tokens are `[context, content..., face...]` (LLaMA-VID order for the first two;
-appending the face tokens is our choice). The pipeline expands the `<image>` placeholder into
-`F * tokens_per_frame` slots holding IMAGE_TOKEN_ID; frame f token j goes to the
-(f * tokens_per_frame + j)-th such slot. Slots of padding frames get a zero embedding and
-attention-mask 0, so padding frames contribute nothing; position ids come from the mask.
-
-Frames are folded into the batch ([B*F, ...]) for the ViT, Q-Former and face modules; the
-Q-Former text of a sample is repeated for each of its frames (as LLaMA-VID does).
-
-Pixels: the pipeline sends `frames` / `face_crops` as uint8 images in their encoder's
-geometry; they are normalised here, inside the jitted model (`vision_inputs`: CLIP mean/std,
-`face_inputs`: ImageNet mean/std; emo_jax.models.pixels). Floating pixels are taken as
-already normalised and used as they are.
+The formulas, and which parts are LLaMA-VID facts and which our choices: docs/MODEL.md. The
+batch: docs/INTERFACES.md "The batch". Pixels arrive as uint8 in their encoder's geometry and
+are normalised inside the jitted model (emo_jax.models.pixels).
 """
 from __future__ import annotations
 
@@ -45,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emo_jax.dtypes import to_dtype
 from emo_jax.models import face as face_lib
 from emo_jax.models import facexformer, generation, lora
 from emo_jax.models import pixels as pixels_lib
@@ -98,7 +78,7 @@ def _from_jsonable(cls: type, d: Mapping[str, Any]) -> Any:
     raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
   for k, v in d.items():
     if k in ("dtype", "param_dtype") and isinstance(v, str):
-      v = jnp.dtype(v)
+      v = to_dtype(v)
     elif isinstance(v, list):
       v = tuple(v)
     kw[k] = v

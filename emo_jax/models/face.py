@@ -1,18 +1,11 @@
 """Face Info Mining (EMO-LLaMA) and the age-gender-race (AGR) prompt.
 
-Paper facts (EMO-LLaMA): a frozen face-analysis network provides global and local facial
-priors and AGR predictions; a Face Info Mining module turns the priors into a few face tokens
-for the LLM; the AGR predictions become a handcrafted sentence in the user prompt.
-
-Not stated in the paper (no code released), hence our choices, all config fields:
-- the mining block is one pre-LN cross-attention layer (queries attend over
-  concat(global, local) face features projected to `hidden_dim`) followed by a GELU MLP, both
-  residual, then a final LayerNorm and `Linear(hidden_dim -> D_llm)` (`out_proj`);
-- the queries are either K learned vectors (`query_mode='learned'`) or the Q-Former's
-  text-conditioned query outputs (`query_mode='qformer'`): the Q queries are averaged in K
-  contiguous groups (K must divide Q) and projected 768 -> hidden_dim by `query_proj`;
-- the AGR sentence wording (`input_pipeline.contract.AGR_TEMPLATE`) is ours; the paper's
-  wording is unknown.
+`FaceInfoMining` turns a frozen face network's global and local features into a few face
+tokens for the LLM (one cross-attention + MLP block over the features, queries learned or
+taken from the Q-Former); `agr_sentences` turns the AGR predictions into sentences for the
+user prompt (template and tables: `input_pipeline.contract`). The paper describes the idea but gives no code: the block's
+structure, the query modes and the sentence wording are our choices, all config fields
+(docs/MODEL.md, "Face Info Mining and the AGR prompt").
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ FaceXFormer) into Face Info Mining: *global* face features, *local* (landmark) f
 shared by `TinyFacePrior` (here: tests and the default config) and the real network in
 `facexformer.py`.
 
-Label tables are facts of the FaceXFormer release (shared/REFERENCE.md): age bins
+Label tables are facts of the FaceXFormer release (docs/CHECKPOINTS.md): age bins
 0-9 ... 60-69, 70+; gender 0 male, 1 female; race 0 white, 1 black, 2 indian, 3 asian,
 4 others.
 

@@ -1,33 +1,12 @@
 """FaceXFormer (Narayan et al., 2024) in Flax NNX: the frozen facial prior network of EMO-LLaMA.
 
-Architecture facts (paper + released code, `network/models/facexformer.py`):
-- Backbone: torchvision Swin-B (`emo_jax.models.swin`); the four stage outputs (before patch
-  merging, channels 128/256/512/1024) feed the neck.
-- Neck: per stage a Linear C_i -> 256 (`linear_c.{i}.proj`), bilinear resize
-  (align_corners=False) to the stage-1 grid (stride 4: 56x56 at 224), concatenation in
-  *reversed* stage order (stage 4 first), 1x1 conv without bias `linear_fuse` 1024 -> 256.
-- Position encoding: SAM's random Fourier features, `pe_layer.positional_encoding_gaussian_matrix`
-  [2, 128] (a buffer from the checkpoint); pixel centres (i + 0.5) / size mapped to [-1, 1],
-  pe = [sin(2 pi c G), cos(2 pi c G)].
-- Decoder `face_decoder`: 7 task tokens (landmarks, pose, attribute, visibility, age, gender,
-  race; in this order) + 11 mask tokens, a SAM TwoWayTransformer (depth 2, width 256, 8 heads,
-  MLP 2048 with ReLU, cross attentions downsampled to 128, LayerNorm eps 1e-5, first layer's
-  self-attention without PE), final token-to-image attention + `norm_final_attn`.
-- Heads: 3-layer MLPs (ReLU) on the task tokens: landmarks 136 (68 x (x, y) in [-1, 1],
-  align_corners=False convention), pose 3 (radians pitch/yaw/roll), attribute 40 (CelebA,
-  sigmoid), visibility 29 (sigmoid), age 8, gender 2, race 5 (softmax). Optional face parsing
-  head (`segmentation=True`): 2 transposed 2x2 convs (LayerNorm2d eps 1e-6, GELU) to stride 1
-  and a shared hypernetwork MLP on the 11 mask tokens -> [N, 11, H, W] logits.
-- Input: 224x224 face crop, ImageNet mean/std.
-
-What EMO-LLaMA consumes (`FacePriors`, see face_prior.py) is our choice, switchable by config
-(the paper does not publish which tensors it takes):
-- global (G tokens): the fused map (or the decoder's updated image embedding, `global_source`)
-  adaptive-average-pooled to `global_grid` x `global_grid` tokens, and/or its spatial mean.
-- local (L tokens): decoder output tokens named in `local_task_tokens` (default the landmark
-  token), and/or the map (`local_source`) sampled bilinearly at the 68 predicted landmarks.
-- landmarks in [0, 1] = clip((p + 1) / 2, 0, 1); AGR logits from the heads.
-All features have the decoder width Cf = 256.
+Swin-B backbone (emo_jax.models.swin), a neck fusing the four stages into one 256-wide map,
+a SAM-style two-way decoder over task tokens, and MLP heads (landmarks, pose, attributes,
+visibility, age, gender, race; optional face parsing). `forward` returns the head outputs,
+`__call__` the `FacePriors` (face_prior.py) that Face Info Mining consumes. Which
+tensors those are is our choice, switchable by `FaceXFormerConfig`, since the paper does not
+say. Architecture facts and these choices: docs/MODEL.md, "Face network"; checkpoint keys:
+docs/CHECKPOINTS.md.
 """
 from __future__ import annotations
 

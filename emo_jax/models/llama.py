@@ -1,14 +1,9 @@
 """LLaMA decoder (LLaMA-1/2/3, Vicuna, ...) in Flax NNX with HF-mirroring parameter names.
 
-Architecture facts (Touvron et al. 2023 and the HF `LlamaForCausalLM` reference): pre-norm
-decoder blocks with RMSNorm, rotate-half RoPE, SwiGLU MLP (`down(silu(gate(x)) * up(x))`),
-grouped-query attention, no biases by default, optional tied input/output embeddings.
-
-Our choices: norms, softmax and logits in fp32; `dtype` is the compute dtype and `param_dtype`
-the storage dtype; an optional scan over layers (`scan_layers`, parameters stacked along a
-leading `layers` axis) and a remat policy; default position ids are
-`cumsum(attention_mask) - 1` clipped at 0, so masked slots do not advance positions; the KV cache
-is a plain dict pytree (functional), see `init_cache`.
+Pre-norm RMSNorm blocks, rotate-half RoPE, SwiGLU MLP, grouped-query attention, as HF
+`LlamaForCausalLM`. `dtype` is the compute dtype and `param_dtype` the storage dtype; norms,
+softmax and logits run in fp32; layers can be scanned (`scan_layers`) and rematerialised;
+the KV cache is a plain dict pytree (`init_cache`). Facts vs our choices: docs/MODEL.md, "LLM".
 
 Parameter layout: nnx.Linear kernels are [in, out] (HF weights transposed), `embed_tokens` is an
 `nnx.Embed` with `embedding` [vocab, hidden], RMSNorm scales are called `weight`.
@@ -22,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emo_jax.dtypes import to_dtype
 from emo_jax.models.layers import (DEFAULT_CHUNK, RMSNorm, apply_rotary,
                                    chunked_causal_attention, dot_product_attention,
                                    linear_cross_entropy,
@@ -33,10 +29,6 @@ from emo_jax.sharding import constrain
 Cache = dict[str, jax.Array]
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-
-
-def _dtype(x: Any) -> Any:
-  return jnp.dtype(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +76,8 @@ class LlamaConfig:
       rope_type(scaling)
       rope_inv_freq(self.head_dim, self.rope_theta, scaling)  # validates the type early
       object.__setattr__(self, "rope_scaling", _FrozenDict(scaling))
-    object.__setattr__(self, "dtype", _dtype(self.dtype))
-    object.__setattr__(self, "param_dtype", _dtype(self.param_dtype))
+    object.__setattr__(self, "dtype", to_dtype(self.dtype))
+    object.__setattr__(self, "param_dtype", to_dtype(self.param_dtype))
 
   def replace(self, **kw) -> "LlamaConfig":
     return dataclasses.replace(self, **kw)
@@ -454,7 +446,7 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) ->
   """An empty KV cache: k/v [layers, B, kv_heads, max_len, head_dim] (heads-major, so decode
   attention reads it without a per-step transpose), the write `index` (scalar), the valid-slot
   `mask` [B, max_len] and each row's next position id [B]."""
-  dtype = cfg.dtype if dtype is None else _dtype(dtype)
+  dtype = cfg.dtype if dtype is None else to_dtype(dtype)
   shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
   return {
     "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),

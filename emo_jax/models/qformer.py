@@ -1,25 +1,11 @@
 """InstructBLIP Q-Former (BERT layers with query-only cross-attention), Flax NNX.
 
-Structure (facts from InstructBLIP / LAVIS and HF `InstructBlipQFormerModel`):
-
-* Embeddings: text = word + absolute position embeddings (positions 0..T-1 for the
-  text alone); the learned queries are prepended; LayerNorm over [queries; text].
-* Every layer: bidirectional self-attention over [queries; text] (post-LN BERT
-  residuals). Every `cross_attention_frequency`-th layer (index 0, f, 2f, ...) the
-  QUERY slice then cross-attends to `encoder_hidden_states` (the vision tokens).
-  The feed-forward is separate for the two slices: `intermediate_query` /
-  `output_query` for queries, `intermediate` / `output` for text.
-* The output used downstream is the query slice `[B, Q, H]`.
-
-Parameter names follow the BERT / LAVIS layout that LLaMA-VID checkpoints use
-(`embeddings.LayerNorm`, `encoder.layer.N.attention.self.query`, `crossattention`,
-`intermediate_query`, `output_query.LayerNorm`, ...). HF InstructBLIP spells two of
-them differently (`embeddings.layernorm`, `attention.attention.query`); the converter
-(`emo_jax/convert/vision_hf.py`) maps both spellings.
-
-Our choices: no dropout (the vision side is used deterministically; fine-tuning
-dropout can be added behind a flag), softmax in fp32, no scan over layers (layers
-differ: only some have cross-attention), optional per-layer remat.
+Learned queries are prepended to the text; every layer self-attends over [queries; text],
+every `cross_attention_frequency`-th layer the query slice cross-attends to the vision tokens,
+and the query and text slices have separate feed-forwards. The output is the query slice
+`[B, Q, H]`. Parameter names follow the BERT / LAVIS layout of LLaMA-VID checkpoints; the
+converter (emo_jax/convert/vision_hf.py) also maps HF InstructBLIP's spellings.
+Facts and our choices: docs/MODEL.md, "Q-Former"; key layouts: docs/CHECKPOINTS.md.
 """
 from __future__ import annotations
 

@@ -1,29 +1,10 @@
 """Swin Transformer (Liu et al. 2021) backbone in Flax NNX, laid out like torchvision's `swin_b`.
 
-FaceXFormer's released checkpoint stores torchvision's Swin-B (`backbone.0.*` = `features`,
-`backbone.1` = the final `norm`), so this module mirrors torchvision's structure; the only
-renames are the ones NNX forces (numbered Sequential children become named attributes):
-
-  torchvision                          here
-  features.0.0 (Conv2d 4x4/4)          patch_embed.proj
-  features.0.2 (LayerNorm)             patch_embed.norm
-  features.{2i+1}.{j}                  stages.{i}.blocks.{j}
-    norm1, attn.qkv, attn.proj,          norm1, attn.qkv, attn.proj,
-    attn.relative_position_bias_table    attn.relative_position_bias_table
-    norm2, mlp.0, mlp.3                  norm2, mlp.fc1, mlp.fc2
-  features.{2i+2} (PatchMerging)       stages.{i}.downsample.{reduction, norm}
-  norm                                 norm
-
-Paper / torchvision facts: window attention over non-overlapping ws x ws windows, every second
-block shifted by ws // 2 with a cyclic roll and a -100 additive mask between regions that were not
-adjacent before the roll; a learned relative position bias table [(2ws-1)^2, heads]; patch
-merging concatenates the 2x2 neighbours in the order (0,0), (1,0), (0,1), (1,1) -> LayerNorm(4C)
--> Linear(4C, 2C, no bias); pre-LN blocks with exact GELU MLP (ratio 4); LayerNorm eps 1e-5.
-Torchvision pads a feature map to a multiple of the window and drops the shift along an axis
-whose padded size is <= the window; we do the same (HF SwinModel instead shrinks the window, which
-is identical whenever the map is a multiple of the window, e.g. 56/28/14/7 for 224 input).
-
-Our choices: LayerNorm statistics and softmax in fp32; `dtype` sets the matmul compute dtype.
+FaceXFormer's released checkpoint stores torchvision's Swin-B, so this module mirrors
+torchvision's structure (shifted-window attention with a relative position bias, patch
+merging, padding to a multiple of the window as torchvision does); the only renames are the
+ones NNX forces, listed in docs/CHECKPOINTS.md ("FaceXFormer"). Architecture facts and our
+choices (LayerNorm statistics and softmax in fp32): docs/MODEL.md, "Face network".
 """
 from __future__ import annotations
 

@@ -1,28 +1,13 @@
 """Vision Transformer covering CLIP ViT (HF `CLIPVisionModel`) and EVA-ViT-G (LAVIS).
 
-One module, two flavours selected by `VisionConfig.kind`:
-
-* `'clip'` — the HF `CLIPVisionModel` layout: class embedding, patch conv without
-  bias, learned positions, `pre_layrnorm` (HF's spelling) before the blocks,
-  `quick_gelu` MLP, `post_layernorm` applied only to the pooled CLS token.
-  `__call__` returns the encoder output *before* `post_layernorm`, i.e. HF's
-  `last_hidden_state` when `feature_layer=-1` (checked against transformers in tests).
-* `'eva'` — EVA-ViT-G as LAVIS builds it and LLaMA-VID uses it (paper/checkpoint
-  facts): patch conv with bias, class token, learned absolute positions, no
-  pre-norm, qkv with separate q/v biases and a zero k bias, LayerNorm eps 1e-6,
-  exact GELU, no final norm; the features are the raw output of block 39 of 40.
-
-Parameter names mirror HF CLIP (`embeddings.patch_embedding`,
-`encoder.layers.N.self_attn.q_proj`, `layer_norm1`, `mlp.fc1`, ...) so both the HF
-and the LAVIS checkpoints import through one mapping table (see
-`emo_jax/convert/vision_hf.py`, `emo_jax/convert/eva.py`).
-
-Our choices (not from a paper): `feature_layer` indexes HF's `hidden_states` tuple
-(0 = embeddings, k = output of block k, negative from the end) and only the blocks
-needed for it are built; position embeddings are interpolated bicubically (torch's
-`align_corners=False`, a=-0.75 kernel, so numbers match HF / LAVIS) when the input
-resolution differs from `image_size`; the attention softmax runs in fp32.
-Frames are folded into the batch by the caller: pixels are NHWC `[N, H, W, 3]`.
+`VisionConfig.kind` selects the flavour: `'clip'` (HF layout; `__call__` returns HF's
+`last_hidden_state` for `feature_layer=-1`) or `'eva'` (EVA-ViT-G as LAVIS builds it and
+LLaMA-VID uses it). Parameter names mirror HF CLIP for both, so the HF and LAVIS checkpoints
+import through one mapping table (emo_jax/convert/vision_hf.py, emo_jax/convert/eva.py).
+`feature_layer` indexes HF's `hidden_states` tuple and only the blocks it needs are built;
+position embeddings are interpolated when the input size differs from `image_size`.
+Pixels are NHWC `[N, H, W, 3]`, frames folded into the batch by the caller.
+Facts and our choices per flavour: docs/MODEL.md, "Visual encoder".
 """
 from __future__ import annotations
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emo_jax import dtypes
 from emo_jax import sharding as sharding_lib
 from emo_jax.models import lora as lora_lib
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -188,7 +189,7 @@ def program_from_config(config, *, total_steps: int = 1000) -> Program:
     name=str(config.get("name", "emo_llama")), graphdef=graphdef, params=params, rngs=rngs,
     frozen=frozen, tx=tx, loss_fn=task_lib.loss_fn, batch_spec=batch_spec, rules=rules,
     accum_steps=int(config.train.get("accum_steps", 1)),
-    compute_dtype=None if ctype in ("", "float32") else task_lib.DTYPES[ctype],
+    compute_dtype=dtypes.compute_dtype(ctype),
     info={"seq_len": t, "num_frames": f, "image_size": pcfg.image_size,
           "tokens_per_frame": model_cfg.tokens_per_frame, "lora_rank": model_cfg.lora_rank,
           "trainable_params": _count(params), "frozen_params": _count(frozen),

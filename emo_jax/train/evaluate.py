@@ -199,24 +199,24 @@ def predict_likelihood(scorer: Scorer, builder, tokenizer, records, skips, batch
                        buckets) -> dict:
   """Per-class answer log-likelihoods -> argmax class and class probabilities."""
   qs = [question_and_options(r) for r in records]
-  flat, owner = [], []
+  flat, example_of = [], []
   for i, (r, (q, opts, _)) in enumerate(zip(records, qs)):
     for c in opts:
       flat.append(with_turns(r, q, c))
-      owner.append(i)
+      example_of.append(i)
   exs = build_examples(builder, flat, skips)
   scores: dict[int, list[float]] = {}
   bad = set()
   for j, e in enumerate(exs):
     if e is None:
-      bad.add(owner[j])
-  kept_j = [j for j, e in enumerate(exs) if e is not None and owner[j] not in bad]
+      bad.add(example_of[j])
+  kept_j = [j for j, e in enumerate(exs) if e is not None and example_of[j] not in bad]
   for s, e in _batches(len(kept_j), batch_size):
     idx = kept_j[s:e]
     batch = collate([exs[j] for j in idx], batch_size, buckets, tokenizer.pad_id)
     lp = scorer.answer_logp(batch)[:len(idx)]
     for j, v in zip(idx, lp):
-      scores.setdefault(owner[j], []).append(float(v))
+      scores.setdefault(example_of[j], []).append(float(v))
   kept = sorted(scores)
   probs = [jax.nn.softmax(jnp.asarray(scores[i])) for i in kept]
   return {"pred": np.asarray([int(np.argmax(scores[i])) for i in kept], np.int64),

@@ -20,6 +20,7 @@ import jax
 from absl import logging
 from flax import nnx
 
+from emo_jax import dtypes
 from emo_jax.convert import bundle, llama_hf
 from emo_jax.models import lora
 from emo_jax.train import loop
@@ -37,7 +38,7 @@ def export(config, workdir: str, *, model: nnx.Module | None = None,
   unknown = set(formats) - {"hf", "peft", "bundle"}
   if unknown:
     raise ValueError(f"unknown export formats {sorted(unknown)} (hf | peft | bundle)")
-  dtype = task_lib.DTYPES[config.export.get("dtype", "float32")]
+  dtype = dtypes.to_dtype(config.export.get("dtype", "float32"))
   out: dict[str, str | None] = {}
   if jax.process_index() != 0:
     return out

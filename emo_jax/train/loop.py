@@ -35,6 +35,7 @@ from clu import metric_writers
 from clu import periodic_actions
 from flax import nnx
 
+from emo_jax import dtypes
 from emo_jax import sharding as sharding_lib
 from emo_jax.perf.flops import jaxpr_matmul_flops
 from emo_jax.train import checkpoint as ckpt_lib
@@ -206,8 +207,7 @@ def train(config, workdir: str) -> dict:
     state, start = restored
     logging.info("resumed from step %d", start)
 
-  compute_dtype = task_lib.DTYPES[config.train.compute_dtype] \
-      if config.train.compute_dtype not in ("", "float32") else None
+  compute_dtype = dtypes.compute_dtype(config.train.compute_dtype)
   step_fn = step_lib.jit_train_step(
       built.graphdef, tx, task_lib.loss_fn, state_shardings=state_sh,
       frozen_shardings=frozen_sh, batch_sharding=sharding_lib.batch_sharding(built.mesh),

@@ -1,6 +1,6 @@
 """FER metrics: answer -> class parsing, confusion matrices, UAR / WAR, group breakdowns.
 
-Paper facts (shared/DESIGN.md): WAR is the accuracy (weighted average recall), UAR the
+Paper facts (docs/MODEL.md, "Evaluation"): WAR is the accuracy (weighted average recall), UAR the
 unweighted mean of the per-class recalls; DFEW and MAFW report the mean over 5 folds.
 Our choices: a free-text answer maps to a class by lower-casing, stripping punctuation,
 mapping synonyms through `input_pipeline.labels.canonical` and taking the *first* word

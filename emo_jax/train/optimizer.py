@@ -6,7 +6,7 @@ Inside the trainable set, parameters are assigned to named groups by regex over 
 '/'-joined path (first match wins; unmatched -> 'default'), each with its own peak
 learning rate through `optax.multi_transform`.
 
-Paper facts (LLaMA-VID stage 2, shared/DESIGN.md): AdamW, cosine decay with 3% linear
+Paper facts (LLaMA-VID stage 2, docs/MODEL.md "Training"): AdamW, cosine decay with 3% linear
 warmup, lr ~2e-4 for LoRA and 2e-5 for fully trained modules. Our choices: weight decay
 only on >= 2-D weights (not on norms / biases), clipping at global norm 1.0 by default.
 """

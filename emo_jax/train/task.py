@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
+from emo_jax import dtypes
 from emo_jax.convert import bundle, eva, facexformer, llama_hf, llama_vid, vision_hf
 from emo_jax.models import emo_llama
 from emo_jax.train import assets
@@ -22,9 +23,6 @@ from input_pipeline import pipeline as pipeline_lib
 from input_pipeline import tokenizers as tokenizers_lib
 from input_pipeline.contract import MODEL_KEYS
 from input_pipeline.records import Record, SkipCounter
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 def _plain(x: Any) -> Any:
   return x.to_dict() if hasattr(x, "to_dict") else x
@@ -68,7 +66,7 @@ def model_config(config) -> emo_llama.EmoLlamaConfig:
     sd = dict(d[sub])
     for k in ("dtype", "param_dtype"):
       if isinstance(sd.get(k), str):
-        sd[k] = DTYPES[sd[k]]
+        sd[k] = dtypes.to_dtype(sd[k])
     d[sub] = sd
   return emo_llama.EmoLlamaConfig.from_dict(d)
 

@@ -9,7 +9,7 @@ expression,valence,arousal`; landmarks are 136 numbers joined by ';' (x, y inter
 expression 0..7 = neutral, happy, sad, surprise, fear, disgust, anger, contempt; 8 none,
 9 uncertain, 10 non-face are dropped by the protocol (AffectNet-7 drops 7 too). There is
 no public test set: 'val' (alias 'test') is validation.csv. Whether a CSV has a header row
-differs between copies, so it is detected (release facts; see shared/REFERENCE.md).
+differs between copies, so it is detected (release facts: docs/DATASETS.md).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@
 ```
 Label lines `train_00001.jpg 5`, ids 1..7 (1-based) = surprise, fear, disgust, happiness,
 sadness, anger, neutral. The split is the name prefix. `root` may be `.../basic` or its
-parent (release facts; see shared/REFERENCE.md).
+parent (release facts: docs/DATASETS.md).
 """
 from __future__ import annotations
 

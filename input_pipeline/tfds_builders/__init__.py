@@ -38,7 +38,7 @@ from input_pipeline import labels as labels_lib
 from input_pipeline import media as media_lib
 from input_pipeline.records import BadInputError, Record, SkipCounter
 
-_LAYOUTS = "See input_pipeline/datasets/README.md and shared/REFERENCE.md for the layouts."
+_LAYOUTS = "See input_pipeline/datasets/README.md and docs/DATASETS.md for the layouts."
 
 
 @dataclasses.dataclass
