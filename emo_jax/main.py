@@ -33,7 +33,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from emo_jax.train.errors import ConfigError, MissingCheckpointError, UserError
+from emo_jax.train.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<file>.py[:arg]).",
@@ -112,9 +112,6 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
   from emo_jax.train import checkpoint as ckpt_lib
   workdir = os.path.abspath(workdir)
   if mode != "train":
-    if not os.path.isdir(workdir):
-      raise MissingCheckpointError(f"workdir {workdir} does not exist: train first "
-                                   "(--mode=train) or check --workdir")
     config = saved_config.resolve(config, workdir, use_saved=use_saved_config)
   validate.validate(config, mode)
   if mode == "train":
@@ -143,37 +140,21 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
       summary["export"] = export.export(config, workdir, model=model,
                                         out_dir=export_dir or os.path.join(workdir, "export"))
     return summary
-  if mode == "predict" and not input_path:
-    raise predict.PredictError("--mode=predict needs --input=<image or video file>")
-  if latest_or_none(ckpt_lib, workdir) is None:
-    raise MissingCheckpointError(f"no committed checkpoint in {ckpt_lib.checkpoint_dir(workdir)}:"
-                                 " train first (--mode=train) or check --workdir")
-  if mode == "eval":
-    out_dir = output_dir or os.path.join(workdir, "eval")
-    _check_writable(out_dir, "--output_dir")
-    return {"eval": evaluate.evaluate(config, workdir, out_dir=out_dir)}
   if mode == "predict":
+    if not input_path:
+      raise predict.PredictError("--mode=predict needs --input=<image or video file>")
     out_dir = output_dir or os.path.join(workdir, "predict")
     return predict.predict(config, workdir, input_path, question=question, out_dir=out_dir)
+  ckpt_lib.require_checkpoint(workdir)
+  if mode == "eval":
+    out_dir = output_dir or os.path.join(workdir, "eval")
+    ckpt_lib.check_writable(out_dir, "--output_dir")
+    return {"eval": evaluate.evaluate(config, workdir, out_dir=out_dir)}
   if mode == "export":
     out_dir = export_dir or os.path.join(workdir, "export")
-    _check_writable(out_dir, "--export_dir")
+    ckpt_lib.check_writable(out_dir, "--export_dir")
     return {"export": export.export(config, workdir, out_dir=out_dir)}
   raise ValueError(f"unknown mode {mode!r}")
-
-
-def latest_or_none(ckpt_lib, workdir: str) -> int | None:
-  return ckpt_lib.latest_committed_step(ckpt_lib.checkpoint_dir(workdir))
-
-
-def _check_writable(out_dir: str, flag: str) -> None:
-  """The output folder (or its nearest existing parent) must be writable."""
-  p = os.path.abspath(out_dir)
-  while not os.path.exists(p):
-    p = os.path.dirname(p)
-  if not os.path.isdir(p) or not os.access(p, os.W_OK):
-    raise ConfigError(f"cannot write to {out_dir} ({p} is not a writable folder): pass "
-                      f"{flag}=<a writable folder>")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

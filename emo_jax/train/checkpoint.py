@@ -33,7 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from emo_jax.train.errors import MissingCheckpointError
+from emo_jax.train.errors import ConfigError, MissingCheckpointError
 from emo_jax.train.optimizer import path_str
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -72,6 +72,29 @@ def step_folders(directory: str) -> dict[int, bool]:
 def tmp_folders(directory: str) -> list[str]:
   """orbax's temporary directories of writes that never finished."""
   return [os.path.join(directory, n) for n in _listdir(directory) if TMP_MARK in n]
+
+
+def check_writable(out_dir: str, flag: str) -> None:
+  """ConfigError unless `out_dir` (or its nearest existing parent) is a writable folder."""
+  p = os.path.abspath(out_dir)
+  while not os.path.exists(p):
+    p = os.path.dirname(p)
+  if not os.path.isdir(p) or not os.access(p, os.W_OK):
+    raise ConfigError(f"cannot write to {out_dir} ({p} is not a writable folder): pass "
+                      f"{flag}=<a writable folder>")
+
+
+def require_checkpoint(workdir: str) -> int:
+  """The newest committed step of a workdir; MissingCheckpointError (a one-line message
+  for the command) when the workdir or a committed checkpoint in it is missing."""
+  if not os.path.isdir(workdir):
+    raise MissingCheckpointError(f"workdir {workdir} does not exist: train first "
+                                 "(--mode=train) or check --workdir")
+  step = latest_committed_step(checkpoint_dir(workdir))
+  if step is None:
+    raise MissingCheckpointError(f"no committed checkpoint in {checkpoint_dir(workdir)}: "
+                                 "train first (--mode=train) or check --workdir")
+  return step
 
 
 def latest_committed_step(directory: str) -> int | None:

@@ -35,6 +35,7 @@ import numpy as np
 from absl import logging
 
 from emo_jax.train import evaluate as eval_lib
+from emo_jax.train import checkpoint as ckpt_lib
 from emo_jax.train import task as task_lib
 from emo_jax.train.errors import UserError
 from input_pipeline import instructions as instructions_lib
@@ -42,7 +43,7 @@ from input_pipeline import labels as labels_lib
 from input_pipeline import media as media_lib
 from input_pipeline import pipeline as pipeline_lib
 from input_pipeline import template as template_lib
-from input_pipeline.records import BadInputError, Record, SkipCounter
+from input_pipeline.records import BadInputError, Record
 
 IMAGE_TOKEN = template_lib.IMAGE_TOKEN
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -327,6 +328,10 @@ def predict(config, workdir: str, input_path: str, *, question: str | None = Non
   video's timeline goes to `out_dir` (default <workdir>/predict)."""
   kind, windows = load_windows(config, input_path)   # input errors before the model
   question = check_question(question)
+  if model is None:
+    ckpt_lib.require_checkpoint(workdir)
+    if len(windows) > 1:
+      ckpt_lib.check_writable(out_dir or os.path.join(workdir, "predict"), "--output_dir")
   tok, qtok = task_lib.tokenizers(task_lib.prepare_data(config, workdir, generate=False))
   prompts = _Prompts(config, input_path, kind, tok, qtok, question)
   if model is None:
