@@ -8,6 +8,12 @@
         --input=face.jpg [--question="How does she feel?"]
     python -m emo_jax.main --config=configs/default.py --workdir=./workdir --mode=export
 
+Only training writes `<workdir>/config.json`; eval, predict and export read the workdir
+and use its saved config for the model and data sections (`--nouse_saved_config` to use
+the command line's), create nothing in it, and write their outputs to `--output_dir` /
+`--export_dir` when given. A setting, input or workdir the job cannot use ends with one
+`error: ...` line and exit status 2.
+
 Multi-host (Cloud TPU pods, several GPU hosts): `jax.distributed.initialize()` runs when
 --coordinator_address is given or the environment names a coordinator
 (JAX_COORDINATOR_ADDRESS, a TPU pod with several workers, SLURM, ...).
@@ -15,13 +21,19 @@ Multi-host (Cloud TPU pods, several GPU hosts): `jax.distributed.initialize()` r
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import os
+import re
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")   # TensorFlow's C++ INFO lines
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from emo_jax.train.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<file>.py[:arg]).",
@@ -31,6 +43,10 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"], "What
 flags.DEFINE_string("input", None, "predict: an image or video file.")
 flags.DEFINE_string("question", None, "predict: the question (default: the category one).")
 flags.DEFINE_string("export_dir", None, "export: output folder (default <workdir>/export).")
+flags.DEFINE_string("output_dir", None, "eval / predict: where the report / a long video's "
+                    "timeline go (default <workdir>/eval, <workdir>/predict).")
+flags.DEFINE_bool("use_saved_config", True, "eval / predict / export: take the model and "
+                  "data sections from <workdir>/config.json (the run's own config).")
 flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index.")
@@ -57,20 +73,58 @@ def _maybe_initialize_distributed() -> None:
     jax.distributed.initialize()   # reads the coordinator from the environment
 
 
+# Libraries whose INFO lines (orbax logs each save in many) stay off the terminal; their
+# warnings and errors still show, and so do our own INFO lines (progress, clu's reports).
+QUIET_LIBRARIES = ("orbax", "grain", "jax", "absl", "etils", "tensorflow", "matplotlib",
+                   "optax", "flax")
+
+
+class _LibraryInfoFilter(py_logging.Filter):
+  """Drops INFO and below from QUIET_LIBRARIES on absl's handler (absl logs every library
+  through one 'absl' logger, so the source file's package decides)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno >= py_logging.WARNING:
+      return True
+    where = record.pathname.replace(os.sep, "/")
+    return not any(f"/{lib}/" in where for lib in QUIET_LIBRARIES)
+
+
+def configure_logging() -> None:
+  """Our INFO lines and library warnings on the terminal; library INFO chatter off."""
+  logging.set_verbosity(logging.INFO)
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+    handler.addFilter(_LibraryInfoFilter())
+  for name in ("orbax", "grain", "jax", "etils"):
+    py_logging.getLogger(name).setLevel(py_logging.WARNING)
+
+
 def run(config, workdir: str, mode: str, *, input_path: str | None = None,
-        question: str | None = None, export_dir: str | None = None) -> dict:
-  """The main job, callable from Python (tests) as well as from the command line."""
+        question: str | None = None, export_dir: str | None = None,
+        output_dir: str | None = None, use_saved_config: bool = True) -> dict:
+  """The main job, callable from Python (tests) as well as from the command line.
+
+  Only `mode='train'` writes into the workdir; the other modes check the settings, the
+  checkpoint and their output folder before any heavy work."""
   import jax
-  from emo_jax.train import evaluate, export, loop, predict
+  from emo_jax.train import evaluate, export, loop, predict, saved_config, validate
+  from emo_jax.train import checkpoint as ckpt_lib
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+  if mode != "train":
+    config = saved_config.resolve(config, workdir, use_saved=use_saved_config)
+  validate.validate(config, mode)
   if mode == "train":
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      saved_config.write(config, workdir)
     out = loop.train(config, workdir)
     summary = {"step": out["step"], "num_steps": out["num_steps"],
+               "trained_steps": out["trained_steps"],
                "preempted": out["preempted"], "skipped": out["skipped"]}
+    if out["trained_steps"] == 0:
+      summary["note"] = (f"nothing was trained: the checkpoint was already at step "
+                         f"{out['step']} (train.num_steps={out['num_steps']})")
     if out["preempted"]:
       return summary
     model = None
@@ -80,35 +134,64 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
       model = state_lib.merge_model(built.graphdef, out["state"].params, out["state"].rngs,
                                     built.frozen)
     if config.eval.at_end:
-      summary["eval"] = evaluate.evaluate(config, workdir, model=model, step=out["step"])
+      summary["eval"] = evaluate.evaluate(config, workdir, model=model, step=out["step"],
+                                          out_dir=output_dir)
     if config.export.at_end:
       summary["export"] = export.export(config, workdir, model=model,
                                         out_dir=export_dir or os.path.join(workdir, "export"))
     return summary
-  if mode == "eval":
-    return {"eval": evaluate.evaluate(config, workdir)}
   if mode == "predict":
     if not input_path:
       raise predict.PredictError("--mode=predict needs --input=<image or video file>")
-    return predict.predict(config, workdir, input_path, question=question)
+    out_dir = output_dir or os.path.join(workdir, "predict")
+    return predict.predict(config, workdir, input_path, question=question, out_dir=out_dir)
+  ckpt_lib.require_checkpoint(workdir)
+  if mode == "eval":
+    out_dir = output_dir or os.path.join(workdir, "eval")
+    ckpt_lib.check_writable(out_dir, "--output_dir")
+    return {"eval": evaluate.evaluate(config, workdir, out_dir=out_dir)}
   if mode == "export":
-    return {"export": export.export(config, workdir,
-                                    out_dir=export_dir or os.path.join(workdir, "export"))}
+    out_dir = export_dir or os.path.join(workdir, "export")
+    ckpt_lib.check_writable(out_dir, "--export_dir")
+    return {"export": export.export(config, workdir, out_dir=out_dir)}
   raise ValueError(f"unknown mode {mode!r}")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing; a mistyped `--config.x` override is one error line, exit 2."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    text = str(e)
+    names = re.findall(r"'([^'\\]+)", text)
+    field = names[0] if names else "?"
+    bad = [a.split("=", 1)[0] for a in argv[1:]
+           if a.startswith("--config.") and field in a.split("=", 1)[0].split(".")]
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    print(f"error: unknown config field {bad[0] if bad else field!r}"
+          + (f" (did you mean {hint.group(1)!r}?)" if hint else ""), file=sys.stderr)
+    sys.exit(2)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  configure_logging()
   _maybe_initialize_distributed()
-  from emo_jax.train import predict
+  from input_pipeline.records import BadInputError
   try:
     out = run(FLAGS.config, FLAGS.workdir, FLAGS.mode, input_path=FLAGS.input,
-              question=FLAGS.question, export_dir=FLAGS.export_dir)
-  except predict.PredictError as e:
+              question=FLAGS.question, export_dir=FLAGS.export_dir,
+              output_dir=FLAGS.output_dir, use_saved_config=FLAGS.use_saved_config)
+  except (UserError, BadInputError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if FLAGS.mode != "predict":
+    if out.get("note"):
+      print(out["note"], file=sys.stderr)
     print(json.dumps(_brief(out), indent=1, default=str))
 
 
@@ -120,4 +203,4 @@ def _brief(out: dict) -> dict:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

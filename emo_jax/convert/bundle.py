@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.convert.safetensors_io import (SAFE_SINGLE, CheckpointError, CheckpointReader,
+                                            is_float_dtype, read_json_object,
                                             write_sharded_safetensors)
 from emo_jax.models.emo_llama import EmoLlama, EmoLlamaConfig
 
@@ -66,16 +67,28 @@ def save_bundle(model: EmoLlama, path: str | os.PathLike, *,
   return names
 
 
+# Sections every bundle config has (save_bundle writes all of them); without one the
+# model would silently take a default shape.
+REQUIRED_SECTIONS = ("llm", "vision", "qformer", "face", "tiny_face_prior")
+
+
 def read_bundle_config(path: str | os.PathLike) -> EmoLlamaConfig:
   f = Path(path) / CONFIG_NAME
-  if not f.exists():
-    raise CheckpointError(f"{f} not found (not an emo_jax EmoLlama bundle)")
-  doc = json.loads(f.read_text())
+  doc = read_json_object(f, "an emo_jax EmoLlama bundle config")
   if doc.get("format") != FORMAT:
     raise CheckpointError(f"{f}: format {doc.get('format')!r}, expected {FORMAT!r}")
   if doc.get("version") != VERSION:
     raise CheckpointError(f"{f}: bundle version {doc.get('version')} (this code reads {VERSION})")
-  return EmoLlamaConfig.from_dict(doc["config"])
+  cfg = doc.get("config")
+  if not isinstance(cfg, dict):
+    raise CheckpointError(f"{f}: field 'config' must be an object, got {type(cfg).__name__}")
+  missing = [k for k in REQUIRED_SECTIONS if not isinstance(cfg.get(k), dict)]
+  if missing:
+    raise CheckpointError(f"{f}: field 'config' lacks the sections {missing}")
+  try:
+    return EmoLlamaConfig.from_dict(cfg)
+  except (TypeError, ValueError, KeyError) as e:
+    raise CheckpointError(f"{f}: field 'config' does not describe a model: {e}") from None
 
 
 def load_bundle(path: str | os.PathLike, **config_overrides: Any) -> EmoLlama:
@@ -95,6 +108,9 @@ def load_bundle(path: str | os.PathLike, **config_overrides: Any) -> EmoLlama:
       raise CheckpointError(f"{path}: missing tensor {name!r}")
     want = var.get_value()
     arr = reader.get(name)
+    if is_float_dtype(want.dtype) != is_float_dtype(arr.dtype):
+      raise CheckpointError(f"{path}: {name} is stored as {arr.dtype}, the model holds "
+                            f"{want.dtype} (refusing to cast)")
     if tuple(arr.shape) != tuple(want.shape):
       raise CheckpointError(f"{path}: {name} has shape {tuple(arr.shape)}, the config gives "
                             f"{tuple(want.shape)}")

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.convert.safetensors_io import (CheckpointError, CheckpointReader,
+                                            check_float_tensor, read_json_object,
                                             write_safetensors, write_sharded_safetensors)
 from emo_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from emo_jax.models.lora import LoRALinear, apply_lora, lora_modules
@@ -70,11 +71,14 @@ def _layer_path(path: tuple, i: int) -> tuple:
 
 
 def read_config(path: str | os.PathLike, **overrides) -> LlamaConfig:
+  """The LlamaConfig of an HF directory; CheckpointError naming the file (and the field)
+  for a config.json that is not JSON, not an object, or has a field we cannot honour."""
   cfg_file = Path(path) / "config.json"
-  if not cfg_file.exists():
-    raise CheckpointError(f"{cfg_file} not found (expected an HF model directory)")
-  with open(cfg_file) as f:
-    return LlamaConfig.from_hf_dict(json.load(f), **overrides)
+  d = read_json_object(cfg_file, "an HF model directory's config.json")
+  try:
+    return LlamaConfig.from_hf_dict(d, **overrides)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
 def load_llama(path: str | os.PathLike, dtype: Any = jnp.float32, *, param_dtype: Any = None,
@@ -100,7 +104,7 @@ def load_llama(path: str | os.PathLike, dtype: Any = jnp.float32, *, param_dtype
   def fetch(key: str, shape: tuple[int, ...], transpose: bool) -> np.ndarray:
     if key not in reader:
       raise CheckpointError(f"{path}: missing tensor {key!r}")
-    arr = reader.get(key)
+    arr = check_float_tensor(reader.get(key), key, path)
     arr = arr.T if transpose else arr
     if tuple(arr.shape) != tuple(shape):
       raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(arr.shape)} "
@@ -258,8 +262,7 @@ def load_peft_adapter(model: nnx.Module, path: str | os.PathLike, *,
   cfg_file = path / ADAPTER_CONFIG
   if not cfg_file.exists():
     raise CheckpointError(f"{cfg_file} not found")
-  with open(cfg_file) as f:
-    acfg = json.load(f)
+  acfg = read_json_object(cfg_file, "a PEFT adapter_config.json")
   if acfg.get("peft_type", "LORA") != "LORA":
     raise CheckpointError(f"only LORA adapters are supported, got {acfg.get('peft_type')}")
   for unsupported in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
@@ -291,7 +294,7 @@ def load_peft_adapter(model: nnx.Module, path: str | os.PathLike, *,
     if p not in tensors or set(tensors[p]) != {"A", "B"}:
       raise CheckpointError(f"{path}: adapter lacks lora_A/lora_B for {p}")
     for which, var in (("A", m.lora_a), ("B", m.lora_b)):
-      arr = reader.get(tensors[p][which]).T
+      arr = check_float_tensor(reader.get(tensors[p][which]), tensors[p][which], path).T
       cur = var[...]
       want = cur.shape[-2:]
       if arr.shape != want:

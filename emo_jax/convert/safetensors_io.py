@@ -36,7 +36,12 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-  """Lazy view of one .safetensors file: `keys()`, `shape(k)`, `dtype(k)`, `get(k)`."""
+  """Lazy view of one .safetensors file: `keys()`, `shape(k)`, `dtype(k)`, `get(k)`.
+
+  The header is checked completely when the file is opened: every malformed entry
+  (not JSON, not an object, a missing or mistyped `dtype` / `shape` / `data_offsets`,
+  offsets outside the data or disagreeing with the shape) is a CheckpointError naming
+  the file and the tensor."""
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
@@ -48,10 +53,24 @@ class SafetensorsFile:
       size = self.path.stat().st_size
       if n > size - 8:
         raise CheckpointError(f"{self.path}: header size {n} exceeds the file size {size}")
-      header = json.loads(f.read(n))
-    self.metadata = header.pop("__metadata__", None) or {}
-    self._header = header
+      blob = f.read(n)
+    try:
+      header = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+      raise CheckpointError(f"{self.path}: header is not JSON ({type(e).__name__}: "
+                            f"{str(e)[:80]})") from None
+    if not isinstance(header, dict):
+      raise CheckpointError(f"{self.path}: header is a JSON {type(header).__name__}, "
+                            "expected an object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+      raise CheckpointError(f"{self.path}: __metadata__ is not an object")
+    self.metadata = meta
     self._offset = 8 + n
+    data_size = size - self._offset
+    for key, info in header.items():
+      _check_entry(self.path, key, info, data_size)
+    self._header = header
     self._mmap = None
 
   def keys(self) -> list[str]:
@@ -61,10 +80,7 @@ class SafetensorsFile:
     return tuple(self._header[key]["shape"])
 
   def dtype(self, key: str) -> np.dtype:
-    name = self._header[key]["dtype"]
-    if name not in _DTYPES:
-      raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {name}")
-    return np.dtype(_DTYPES[name])
+    return np.dtype(_DTYPES[self._header[key]["dtype"]])
 
   def get(self, key: str) -> np.ndarray:
     """The tensor as a read-only memory-mapped numpy array (no copy)."""
@@ -74,14 +90,66 @@ class SafetensorsFile:
       self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
     info = self._header[key]
     begin, end = info["data_offsets"]
-    dtype = self.dtype(key)
-    shape = tuple(info["shape"])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if end - begin != expected:
-      raise CheckpointError(f"{self.path}: tensor {key!r} has {end - begin} bytes, expected "
-                            f"{expected} for {dtype} {shape}")
     buf = self._mmap[self._offset + begin:self._offset + end]
-    return buf.view(dtype).reshape(shape)
+    return buf.view(self.dtype(key)).reshape(tuple(info["shape"]))
+
+
+def _check_entry(path: Path, key: str, info: Any, data_size: int) -> None:
+  where = f"{path}: tensor {key!r}"
+  if not isinstance(info, dict):
+    raise CheckpointError(f"{where}: header entry is a {type(info).__name__}, expected an "
+                          "object with dtype, shape and data_offsets")
+  for field in ("dtype", "shape", "data_offsets"):
+    if field not in info:
+      raise CheckpointError(f"{where}: header entry has no {field!r}")
+  name = info["dtype"]
+  if not isinstance(name, str) or name not in _DTYPES:
+    raise CheckpointError(f"{where}: unsupported dtype {name!r}")
+  shape = info["shape"]
+  if not isinstance(shape, list) or not all(
+      isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes")
+  offs = info["data_offsets"]
+  if not (isinstance(offs, list) and len(offs) == 2 and all(
+      isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+    raise CheckpointError(f"{where}: data_offsets {offs!r} is not [begin, end]")
+  begin, end = offs
+  if not 0 <= begin <= end <= data_size:
+    raise CheckpointError(f"{where}: data_offsets {offs} outside the {data_size} data bytes")
+  expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[name]).itemsize
+  if end - begin != expected:
+    raise CheckpointError(f"{where}: has {end - begin} bytes, expected {expected} for "
+                          f"{name} {tuple(shape)}")
+
+
+def is_float_dtype(dtype: Any) -> bool:
+  """numpy floats plus ml_dtypes' bfloat16 / float8 (numpy kind 'V')."""
+  dt = np.dtype(dtype)
+  return dt.kind == "f" or str(dt).startswith(("bfloat16", "float8"))
+
+
+def check_float_tensor(arr: np.ndarray, key: str, path: Any) -> np.ndarray:
+  """`arr` if it holds floating-point values; CheckpointError for integer, boolean or
+  complex storage (a weight stored that way would be silently converted by a cast)."""
+  if not is_float_dtype(arr.dtype):
+    raise CheckpointError(f"{path}: tensor {key!r} is stored as {arr.dtype}; a floating-point "
+                          "weight was expected (refusing to cast)")
+  return arr
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+  """A JSON file that must hold an object; CheckpointError naming the file otherwise."""
+  path = Path(path)
+  if not path.is_file():
+    raise CheckpointError(f"{path} not found or not a file (expected {what})")
+  try:
+    d = json.loads(path.read_bytes().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    raise CheckpointError(f"{path}: not JSON ({type(e).__name__}: {str(e)[:80]})") from None
+  if not isinstance(d, dict):
+    raise CheckpointError(f"{path}: top level is a JSON {type(d).__name__}, expected an "
+                          "object")
+  return d
 
 
 class CheckpointReader:
@@ -133,11 +201,12 @@ class CheckpointReader:
 
 
 def _index_files(index_path: Path) -> list[str]:
-  with open(index_path) as f:
-    index = json.load(f)
+  index = read_json_object(index_path, "a safetensors index")
   weight_map = index.get("weight_map")
-  if not isinstance(weight_map, dict):
-    raise CheckpointError(f"{index_path}: no 'weight_map'")
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(v, str) for v in weight_map.values()):
+    raise CheckpointError(f"{index_path}: field 'weight_map' must map tensor names to file "
+                          "names")
   names = sorted(set(weight_map.values()))
   missing = [n for n in names if not (index_path.parent / n).exists()]
   if missing:

@@ -22,6 +22,7 @@ from emo_jax.models.layers import (DEFAULT_CHUNK, RMSNorm, apply_rotary,
                                    chunked_causal_attention, dot_product_attention,
                                    linear_cross_entropy,
                                    make_attention_mask, rope_cos_sin, rope_inv_freq)
+from emo_jax.models.layers import activations
 from emo_jax.models.layers.rotary import rope_type
 from emo_jax.models.module import Module
 from emo_jax.sharding import constrain
@@ -48,6 +49,7 @@ class LlamaConfig:
   tie_word_embeddings: bool = False
   attention_bias: bool = False
   mlp_bias: bool = False
+  hidden_act: str = "silu"   # the MLP's gate activation (transformers' ACT2FN names)
   initializer_range: float = 0.02
   bos_token_id: int | None = 1
   eos_token_id: int | list[int] | None = 2
@@ -69,6 +71,7 @@ class LlamaConfig:
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                        f"num_key_value_heads={self.num_key_value_heads}")
+    activations.get(self.hidden_act)   # refuses an unsupported name
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
     if self.rope_scaling is not None:
@@ -95,6 +98,7 @@ class LlamaConfig:
     if missing:
       raise ValueError(f"not a LLaMA config (model_type={d.get('model_type')!r}): "
                        f"missing {missing}")
+    check_hf_fields(d)
     theta = d.get("rope_theta")
     scaling = d.get("rope_scaling")
     params = d.get("rope_parameters")
@@ -134,7 +138,7 @@ class LlamaConfig:
       "num_attention_heads": self.num_attention_heads,
       "num_key_value_heads": self.num_key_value_heads,
       "head_dim": self.head_dim,
-      "hidden_act": "silu",
+      "hidden_act": self.hidden_act,
       "rms_norm_eps": self.rms_norm_eps,
       "rope_theta": self.rope_theta,
       "rope_scaling": legacy_scaling,
@@ -151,6 +155,53 @@ class LlamaConfig:
       "torch_dtype": jnp.dtype(self.param_dtype).name,
       "use_cache": True,
     }
+
+
+# HF config.json fields that change what a LLaMA-family model computes but that this
+# implementation does not have, with the values that mean "off". Another value is refused.
+_UNSUPPORTED_HF_FIELDS = {
+    "attention_dropout": (0, 0.0, None), "hidden_dropout": (0, 0.0, None),
+    "sliding_window": (None,), "use_sliding_window": (False, None),
+    "embedding_multiplier": (1, 1.0, None), "residual_multiplier": (1, 1.0, None),
+    "attention_multiplier": (None,), "logits_scaling": (1, 1.0, None),
+    "logit_scale": (1, 1.0, None), "final_logit_softcapping": (None,),
+    "attn_logit_softcapping": (None,), "query_pre_attn_scalar": (None,),
+    "partial_rotary_factor": (1, 1.0, None), "qk_layernorm": (False, None),
+    "use_qk_norm": (False, None), "no_rope_layers": (None,),
+}
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim",
+               "max_position_embeddings")
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
+def check_hf_fields(d: Mapping[str, Any]) -> None:
+  """ValueError naming the first field of an HF config dict that has the wrong type or a
+  value this implementation cannot compute (see _UNSUPPORTED_HF_FIELDS, `hidden_act`)."""
+  for k in _INT_FIELDS:
+    v = d.get(k)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+      raise ValueError(f"field {k!r} must be a positive integer, got {v!r}")
+  for k in _FLOAT_FIELDS:
+    v = d.get(k)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+      raise ValueError(f"field {k!r} must be a number, got {v!r}")
+  for k in _BOOL_FIELDS:
+    v = d.get(k)
+    if v is not None and not isinstance(v, bool):
+      raise ValueError(f"field {k!r} must be true or false, got {v!r}")
+  act = d.get("hidden_act", "silu")
+  if not isinstance(act, str) or act not in activations.ACT2FN:
+    raise ValueError(f"field 'hidden_act' = {act!r} is not supported; supported: "
+                     f"{sorted(activations.ACT2FN)}")
+  for k, neutral in _UNSUPPORTED_HF_FIELDS.items():
+    if k in d and d[k] not in neutral:
+      raise ValueError(f"field {k!r} = {d[k]!r} changes the computation and is not "
+                       "supported by this LLaMA implementation")
+  for k in ("rope_scaling", "rope_parameters"):
+    if d.get(k) is not None and not isinstance(d[k], Mapping):
+      raise ValueError(f"field {k!r} must be an object or null, got {d[k]!r}")
 
 
 _EMO_ONLY_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_chunk")
@@ -226,16 +277,18 @@ class LlamaAttention(Module):
 
 
 class LlamaMLP(Module):
-  """SwiGLU feed-forward: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+  """Gated feed-forward: down_proj(act(gate_proj(x)) * up_proj(x)), act = `hidden_act`
+  (SiLU: SwiGLU, LLaMA's own)."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
     self.gate_proj = _linear(cfg, d, f, ("embed", "mlp"), cfg.mlp_bias, rngs)
     self.up_proj = _linear(cfg, d, f, ("embed", "mlp"), cfg.mlp_bias, rngs)
     self.down_proj = _linear(cfg, f, d, ("mlp", "embed"), cfg.mlp_bias, rngs)
+    self.act = activations.get(cfg.hidden_act)
 
   def __call__(self, x):
-    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    h = self.act(self.gate_proj(x)) * self.up_proj(x)
     return self.down_proj(constrain(h, ("batch", "length", "mlp")))
 
 

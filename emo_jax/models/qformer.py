@@ -17,15 +17,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emo_jax.models.layers import activations
 from emo_jax.models.module import Module
 
 Dtype = Any
 
-_ACTIVATIONS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-}
+_ACTIVATIONS = activations.ACT2FN   # transformers' hidden_act names
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,16 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emo_jax.models.layers import activations
 from emo_jax.models.module import Module
 
 Dtype = Any
 
-_ACTIVATIONS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-}
+_ACTIVATIONS = activations.ACT2FN   # transformers' hidden_act names
 
 
 @dataclasses.dataclass(frozen=True)

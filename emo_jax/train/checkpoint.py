@@ -13,10 +13,18 @@ passed since the last save, keep the newest `max_to_keep` plus every step that i
 multiple of `keep_period`. A crash mid-save leaves only orbax's temporary
 `<step>.orbax-checkpoint-tmp-*` directory (renamed into place on commit; on object stores
 orbax writes a commit marker instead), which `latest_step()` never returns.
+
+Two modes. A training `Checkpointer` owns the folder: it removes uncommitted step folders
+and temporary directories (so those steps can be written again) and logs each one it
+removes. A `read_only=True` one (eval, predict, export) never writes, creates or deletes
+anything: it skips uncommitted steps with a warning and says which step it uses. The
+path helpers below are the only places that touch the file system directly.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from typing import Any, Iterator
 
@@ -25,7 +33,74 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from emo_jax.train.errors import ConfigError, MissingCheckpointError
 from emo_jax.train.optimizer import path_str
+
+CHECKPOINT_SUBDIR = "checkpoints"
+COMMIT_MARKER = "commit_success.txt"
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+# ----------------------------------------------------------------------- path helpers
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, CHECKPOINT_SUBDIR)
+
+
+def _exists(path: str) -> bool:
+  return os.path.exists(path)
+
+
+def _listdir(path: str) -> list[str]:
+  return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def _rmtree(path: str) -> None:
+  shutil.rmtree(path)
+
+
+def step_folders(directory: str) -> dict[int, bool]:
+  """{step: committed} of the step folders in `directory` (temporary ones excluded)."""
+  out = {}
+  for name in _listdir(directory):
+    if name.isdigit():
+      out[int(name)] = _exists(os.path.join(directory, name, COMMIT_MARKER))
+  return out
+
+
+def tmp_folders(directory: str) -> list[str]:
+  """orbax's temporary directories of writes that never finished."""
+  return [os.path.join(directory, n) for n in _listdir(directory) if TMP_MARK in n]
+
+
+def check_writable(out_dir: str, flag: str) -> None:
+  """ConfigError unless `out_dir` (or its nearest existing parent) is a writable folder."""
+  p = os.path.abspath(out_dir)
+  while not os.path.exists(p):
+    p = os.path.dirname(p)
+  if not os.path.isdir(p) or not os.access(p, os.W_OK):
+    raise ConfigError(f"cannot write to {out_dir} ({p} is not a writable folder): pass "
+                      f"{flag}=<a writable folder>")
+
+
+def require_checkpoint(workdir: str) -> int:
+  """The newest committed step of a workdir; MissingCheckpointError (a one-line message
+  for the command) when the workdir or a committed checkpoint in it is missing."""
+  if not os.path.isdir(workdir):
+    raise MissingCheckpointError(f"workdir {workdir} does not exist: train first "
+                                 "(--mode=train) or check --workdir")
+  step = latest_committed_step(checkpoint_dir(workdir))
+  if step is None:
+    raise MissingCheckpointError(f"no committed checkpoint in {checkpoint_dir(workdir)}: "
+                                 "train first (--mode=train) or check --workdir")
+  return step
+
+
+def latest_committed_step(directory: str) -> int | None:
+  """The newest committed step in `directory` without opening an orbax manager."""
+  steps = [s for s, ok in step_folders(directory).items() if ok]
+  return max(steps) if steps else None
 
 
 class CheckpointableIterator:
@@ -103,33 +178,49 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, keep_period: int | None = None,
                save_every_steps: int = 1000, save_every_secs: float | None = None,
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
     self.directory = directory
+    self.read_only = read_only
     self.save_every_steps = max(int(save_every_steps), 1) if save_every_steps else None
     self.save_every_secs = save_every_secs
     self._last_save_time = time.monotonic()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, keep_period=keep_period or None, create=True,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    if read_only:
+      if not os.path.isdir(directory):
+        raise MissingCheckpointError(f"no checkpoint folder {directory}: train first "
+                                     "(--mode=train) or check --workdir")
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                             cleanup_tmp_directories=False,
+                                             save_root_metadata=False)
+    else:
+      if jax.process_index() == 0:
+        for t in tmp_folders(directory):
+          logging.warning("checkpoint: removing %s (a write that never finished)", t)
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, keep_period=keep_period or None, create=True,
+          enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(directory, options=options,
                                          item_names=("state", "data"))
 
   def _committed(self, step: int) -> bool:
     """orbax writes `commit_success.txt` into a step before it becomes visible; a step
     directory without it was copied or written partially (e.g. an interrupted sync)."""
-    import os
-    return os.path.exists(os.path.join(self.directory, str(step), "commit_success.txt"))
+    return _exists(os.path.join(self.directory, str(step), COMMIT_MARKER))
 
   def latest_step(self) -> int | None:
     """The newest *committed* step. Uncommitted step directories newer than it are
-    deleted (on process 0) so training can write those steps again."""
+    removed by a training checkpointer (process 0, logged) so training can write those
+    steps again; a read-only one only warns."""
     self.manager.reload()
     steps = sorted(self.manager.all_steps(), reverse=True)
     for step in steps:
       if self._committed(step):
         return step
-      logging.warning("checkpoint: step %d in %s is not committed (no commit_success.txt); "
-                      "ignoring and deleting it", step, self.directory)
+      folder = os.path.join(self.directory, str(step))
+      if self.read_only:
+        logging.warning("checkpoint: %s has no %s (not committed): skipped", folder,
+                        COMMIT_MARKER)
+        continue
+      logging.warning("checkpoint: removing %s: not committed (no %s)", folder, COMMIT_MARKER)
       if jax.process_index() == 0:
         self.manager.delete(step)
     return None
@@ -148,6 +239,8 @@ class Checkpointer:
            *, force: bool = False) -> bool:
     """Starts an (async) save of `state` and the iterator at `step`. Returns whether it
     saved (a step already on disk is skipped)."""
+    if self.read_only:
+      raise RuntimeError("a read-only Checkpointer cannot save")
     if step in self.manager.all_steps():
       logging.info("checkpoint: step %d already saved", step)
       return False

@@ -279,19 +279,20 @@ def _agr_groups(agr: np.ndarray | None) -> dict | None:
 
 
 def evaluate(config, workdir: str, *, model: nnx.Module | None = None,
-             step: int | None = None) -> dict:
-  """Runs every eval entry in every mode; writes <workdir>/eval/report.{json,md} and the
-  confusion PNGs. Returns {'summary': {mode: {name: {uar, war}}}, 'report': path}."""
+             step: int | None = None, out_dir: str | None = None) -> dict:
+  """Runs every eval entry in every mode; writes report.{json,md} and the confusion PNGs
+  into `out_dir` (default <workdir>/eval). Returns {'summary': {mode: {name: {uar, war}}},
+  'report': path}."""
   if model is None:
     _, model, step = loop.restore_trained(config, workdir)
-  paths = task_lib.prepare_data(config, workdir)
+  paths = task_lib.prepare_data(config, workdir, generate=False)
   tok, qtok = task_lib.tokenizers(paths)
   model_cfg = task_lib.model_config(config)
   pcfg = task_lib.pipeline_config(config, model_cfg, shuffle=False, shuffle_options=False)
   builder = pipeline_lib.ExampleBuilder(pcfg, tok, qtok, strict=False)
   scorer = Scorer(model, max_new_tokens=config.eval.max_new_tokens, eos_id=tok.eos_id,
                   pad_id=tok.pad_id)
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = out_dir or os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   skips = SkipCounter(strict=bool(config.data.get("strict", False)))
   sets = task_lib.eval_sets(config, workdir, skips)

@@ -61,7 +61,7 @@ def export(config, workdir: str, *, model: nnx.Module | None = None,
     d = os.path.join(out_dir, "bundle")
     bundle.save_bundle(model, d)
     out["bundle"] = d
-  paths = task_lib.prepare_data(config, workdir)
+  paths = task_lib.prepare_data(config, workdir, generate=False)
   tdir = os.path.join(out_dir, "tokenizer")
   os.makedirs(tdir, exist_ok=True)
   for k, p in paths.items():

@@ -43,6 +43,7 @@ from emo_jax.train import optimizer as opt_lib
 from emo_jax.train import state as state_lib
 from emo_jax.train import step as step_lib
 from emo_jax.train import task as task_lib
+from emo_jax.train.errors import MissingCheckpointError, NonFiniteError
 from input_pipeline.records import SkipCounter
 
 # Peak dense FLOP/s per device by device kind (bf16; public spec sheets). Our table, used
@@ -55,23 +56,33 @@ PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v
 
 
 class Preemption:
-  """SIGTERM -> a flag the loop reads between steps (agreed across hosts)."""
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) -> a flag the loop reads between steps
+  (agreed across hosts); the loop then saves a checkpoint and exits. A second Ctrl-C
+  stops at once, without saving."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._prev = None
+    self._prev: dict = {}
 
   def install(self):
     def handler(signum, frame):
       del frame
-      logging.warning("signal %d received: will save a checkpoint and exit", signum)
+      if self.requested and signum == signal.SIGINT:
+        self.uninstall()
+        raise KeyboardInterrupt
+      logging.warning("%s received: will save a checkpoint and exit (Ctrl-C again to stop "
+                      "without saving)", signal.Signals(signum).name)
       self.requested = True
-    self._prev = signal.signal(signal.SIGTERM, handler)
+    for sig in self.SIGNALS:
+      self._prev[sig] = signal.signal(sig, handler)
     return self
 
   def uninstall(self):
-    if self._prev is not None:
-      signal.signal(signal.SIGTERM, self._prev)
+    for sig, prev in self._prev.items():
+      signal.signal(sig, prev)
+    self._prev = {}
 
   def should_stop(self) -> bool:
     if jax.process_count() == 1:
@@ -142,9 +153,10 @@ class Built:
   paths: dict
 
 
-def build(config, workdir: str) -> Built:
-  """Model (random init + pretrained parts), split and placed on the mesh."""
-  paths = task_lib.prepare_data(config, workdir)
+def build(config, workdir: str, *, read_only: bool = False) -> Built:
+  """Model (random init + pretrained parts), split and placed on the mesh. `read_only`:
+  the data must already exist (nothing is generated)."""
+  paths = task_lib.prepare_data(config, workdir, generate=not read_only)
   model_cfg = task_lib.model_config(config)
   mesh = make_mesh(config)
   rules = rules_of(config)
@@ -198,7 +210,7 @@ def train(config, workdir: str) -> dict:
 
   ck = config.checkpoint
   checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), max_to_keep=ck.max_to_keep,
+      ckpt_lib.checkpoint_dir(workdir), max_to_keep=ck.max_to_keep,
       keep_period=ck.keep_period or None, save_every_steps=ck.every_steps,
       save_every_secs=ck.every_secs if ck.every_secs > 0 else None, async_save=ck.async_save)
   restored = checkpointer.restore(state, train_iter)
@@ -206,6 +218,9 @@ def train(config, workdir: str) -> dict:
   if restored is not None:
     state, start = restored
     logging.info("resumed from step %d", start)
+  if start >= num_steps:
+    print(f"nothing to train: the checkpoint is at step {start} and train.num_steps is "
+          f"{num_steps}; using the step-{start} model", flush=True)
 
   compute_dtype = dtypes.compute_dtype(config.train.compute_dtype)
   step_fn = step_lib.jit_train_step(
@@ -223,7 +238,7 @@ def train(config, workdir: str) -> dict:
   preempt = Preemption().install()
   peak = peak_flops(config)   # the compiled cost is the per-device SPMD program
   compiled: dict = {}
-  t_last = time.time()
+  t_last = t_first = time.time()
   pending: list[dict] = []   # device metrics since the last log (fetched when logging)
   step = start
   stopped = False
@@ -244,11 +259,17 @@ def train(config, workdir: str) -> dict:
           compiled[key] = (traced.lower().compile(), step_matmul_flops_per_device(traced))
         fn, flops = compiled[key]
         state, m = fn(state, built.frozen, batch)
-        pending.append(dict(m, flops=flops))
+        pending.append(dict(m, flops=flops, step=step + 1))
         step += 1
+        if step == start + 1:
+          t_first = time.time()   # the ETA leaves the first step's compile out
         report(step)
-        if step % config.train.log_every == 0 or step == num_steps:
+        stop = preempt.should_stop()
+        will_save = stop or step == num_steps or checkpointer.should_save(step)
+        if step % config.train.log_every == 0 or step == num_steps or will_save:
           ms = jax.device_get(pending)
+          _check_finite(ms)   # before any save: no checkpoint holds non-finite weights
+        if step % config.train.log_every == 0 or step == num_steps:
           dt = max(time.time() - t_last, 1e-9)
           scalars = {"loss": float(np.mean([x["loss"] for x in ms])),
                      "grad_norm": float(np.mean([x["grad_norm"] for x in ms])),
@@ -261,14 +282,14 @@ def train(config, workdir: str) -> dict:
           if peak > 0:
             scalars["hfu"] = flops_per_s / peak
           writer.write_scalars(step, scalars)
-          print(f"step={step} loss={scalars['loss']:.4f}", flush=True)
+          print(_progress_line(step, num_steps, scalars, time.time() - t_first,
+                               step - start - 1), flush=True)
           t_last, pending = time.time(), []
-        stop = preempt.should_stop()
-        if stop or step == num_steps or checkpointer.should_save(step):
+        if will_save:
           checkpointer.save(step, state, train_iter)
         if stop:
           stopped = True
-          logging.warning("stopping at step %d after SIGTERM (checkpoint saved)", step)
+          logging.warning("stopping at step %d after a stop signal (checkpoint saved)", step)
           break
   finally:
     if hash_log is not None:
@@ -279,7 +300,39 @@ def train(config, workdir: str) -> dict:
   if skips.total:
     logging.warning(skips.report())
   return {"step": step, "num_steps": num_steps, "preempted": stopped,
-          "skipped": skips.counts, "state": state, "built": built}
+          "trained_steps": step - start, "skipped": skips.counts, "state": state,
+          "built": built}
+
+
+def _check_finite(metrics: list[dict]) -> None:
+  """Raises NonFiniteError at the first step whose loss or gradient norm is not finite."""
+  for m in metrics:
+    for k in ("loss", "grad_norm"):
+      if not np.isfinite(m[k]):
+        raise NonFiniteError(
+            f"training stopped: {k} is {float(m[k])} at step {m['step']}; no checkpoint was "
+            "written after it (lower optimizer.lr, check the data, or resume from the last "
+            "checkpoint)")
+
+
+def _progress_line(step: int, num_steps: int, scalars: dict, elapsed: float,
+                   done: int) -> str:
+  """`step=25 loss=1.2345 | 25/2400 (1%) | 3.10 steps/s | ETA 12m47s`: steps/s and ETA
+  over the `done` steps of this run after its first (which includes the compile)."""
+  rate = done / elapsed if done > 0 and elapsed > 0 else 0.0
+  eta = (num_steps - step) / rate if rate > 0 else float("inf")
+  speed = f"{rate:.2f} steps/s" if rate > 0 else "compiling"
+  return (f"step={step} loss={scalars['loss']:.4f} | {step}/{num_steps} "
+          f"({100 * step // max(num_steps, 1)}%) | {speed} | ETA {_duration(eta)}")
+
+
+def _duration(secs: float) -> str:
+  if not np.isfinite(secs):
+    return "?"
+  secs = int(round(secs))
+  h, rem = divmod(secs, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _batch_sha1(batch) -> str:
@@ -308,16 +361,23 @@ def _flat_hparams(config) -> dict:
 
 def restore_trained(config, workdir: str, step: int | None = None) -> tuple[Built, Any, int]:
   """The model of a workdir: built from the config, trainable params from the latest (or
-  given) committed checkpoint. Returns (built, merged nnx model, step)."""
-  built = build(config, workdir)
-  tx, _ = opt_lib.make_optimizer(config.optimizer.to_dict(), 1, built.params)
-  template = state_lib.create_train_state(built.params, built.rngs, tx)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  restored = checkpointer.restore(template, None, step=step)
-  checkpointer.close()
-  if restored is None:
-    raise FileNotFoundError(f"no committed checkpoint under {workdir}/checkpoints: train first "
-                            "(--mode=train)")
-  state, step = restored
+  given) committed checkpoint. Returns (built, merged nnx model, step). Read-only: the
+  checkpoint is looked up first (MissingCheckpointError before any other work) and
+  nothing is written."""
+  ck_dir = ckpt_lib.checkpoint_dir(workdir)
+  checkpointer = ckpt_lib.Checkpointer(ck_dir, read_only=True)
+  try:
+    if step is None:
+      step = checkpointer.latest_step()
+    if step is None:
+      raise MissingCheckpointError(f"no committed checkpoint in {ck_dir}: train first "
+                                   "(--mode=train) or check --workdir")
+    logging.info("using checkpoint step %d of %s", step, ck_dir)
+    built = build(config, workdir, read_only=True)
+    tx, _ = opt_lib.make_optimizer(config.optimizer.to_dict(), 1, built.params)
+    template = state_lib.create_train_state(built.params, built.rngs, tx)
+    state, step = checkpointer.restore(template, None, step=step)
+  finally:
+    checkpointer.close()
   model = state_lib.merge_model(built.graphdef, state.params, state.rngs, built.frozen)
   return built, model, step

@@ -8,7 +8,12 @@ the classes of `config.predict.dataset`), and the detected emotion with its prob
 from the option-likelihood scorer (softmax over the classes' answer log-likelihoods, see
 train.evaluate). A video longer than `config.predict.window_secs` is cut into windows of
 that length; each window is classified and the per-window timeline is written to
-<workdir>/predict/<name>_timeline.{json,png}.
+<workdir>/predict/<name>_timeline.{json,png} (or --output_dir). The summary is one
+decision: the emotion with the highest mean probability over the windows; the answer is
+generated on the window where that emotion is most likely.
+
+The steps: `load_windows` (decode, cut, check faces), `score_windows` (class likelihoods
+per window), `summarize`, `generate_answer`, `write_timeline`.
 
 Face handling (config.predict.face_mode): 'detect' requires a face (OpenCV detector) in
 the image / in some frame of each window and fails clearly when there is none; with
@@ -23,24 +28,29 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
 from absl import logging
 
 from emo_jax.train import evaluate as eval_lib
+from emo_jax.train import checkpoint as ckpt_lib
 from emo_jax.train import task as task_lib
+from emo_jax.train.errors import UserError
 from input_pipeline import instructions as instructions_lib
 from input_pipeline import labels as labels_lib
 from input_pipeline import media as media_lib
 from input_pipeline import pipeline as pipeline_lib
-from input_pipeline.records import BadInputError, Record, SkipCounter
+from input_pipeline import template as template_lib
+from input_pipeline.records import BadInputError, Record
 
+IMAGE_TOKEN = template_lib.IMAGE_TOKEN
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 VIDEO_EXT = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv")
 
 
-class PredictError(Exception):
+class PredictError(UserError):
   """A bad input to predict; the message says what is wrong with which file."""
 
 
@@ -163,12 +173,15 @@ def _timeline_png(timeline: list[dict], classes, path: str) -> str:
   return path
 
 
-def predict(config, workdir: str, input_path: str, *, question: str | None = None,
-            model=None) -> dict:
-  """Runs the model of `workdir` on one file; prints and returns the result."""
-  kind = _kind(input_path)   # input errors before the (slow) model restore
-  pcfg_user = config.predict
-  model_cfg = task_lib.model_config(config)
+# --------------------------------------------------------------------------- the steps
+
+
+def load_windows(config, input_path: str) -> tuple[str, list[tuple[float, float, np.ndarray]]]:
+  """('image' | 'video', [(start_s, end_s, uint8 frames)]) with faces checked: one window
+  for an image or a short video, windows of `config.predict.window_secs` for a long one.
+  Raises PredictError (before any model work)."""
+  kind = _kind(input_path)
+  pcfg = config.predict
   num_frames = config.data.pipeline.num_frames
   if kind == "image":
     try:
@@ -177,78 +190,176 @@ def predict(config, workdir: str, input_path: str, *, question: str | None = Non
       raise PredictError(f"{input_path}: not a readable image ({e.reason}: {e.detail})") from None
   else:
     n, fps = _video_info(input_path)
-    if n / fps > pcfg_user.window_secs * 1.5:
-      windows = _decode_windows(input_path, num_frames, n, fps, pcfg_user.window_secs)
+    if n / fps > pcfg.window_secs * 1.5:
+      windows = _decode_windows(input_path, num_frames, n, fps, pcfg.window_secs)
     else:
       try:
         windows = [(0.0, n / fps, media_lib.decode_video(input_path, num_frames))]
       except BadInputError as e:
         raise PredictError(f"{input_path}: unreadable video ({e.reason}: {e.detail})") from None
-  windows = [(s, e, _faces(f, input_path, pcfg_user)) for s, e, f in windows]
+  return kind, [(s, e, _faces(f, input_path, pcfg)) for s, e, f in windows]
 
-  from emo_jax.train import loop
-  if model is None:
-    _, model, _ = loop.restore_trained(config, workdir)
-  paths = task_lib.prepare_data(config, workdir)
-  tok, qtok = task_lib.tokenizers(paths)
-  pcfg = task_lib.pipeline_config(config, model_cfg, shuffle=False, shuffle_options=False,
-                                  face_mode="aligned")
-  builder = pipeline_lib.ExampleBuilder(pcfg, tok, qtok, strict=True)
-  scorer = eval_lib.Scorer(model, max_new_tokens=config.predict.max_new_tokens,
-                           eos_id=tok.eos_id, pad_id=tok.pad_id)
-  classes = labels_lib.classes(pcfg_user.dataset)
-  media_type = "image" if kind == "image" else "video"
-  cat_q = "<image>\n" + instructions_lib.QUESTION_TEMPLATE.format(
-      media=instructions_lib.media_word(media_type), options=", ".join(classes))
-  user_q = cat_q if not question else "<image>\n" + question.strip()
-  name = os.path.splitext(os.path.basename(input_path))[0]
 
-  def element(frames, q, a):
+def check_question(question: str | None) -> str | None:
+  """The user's question, stripped; PredictError for one the prompt cannot hold."""
+  if question is None:
+    return None
+  q = question.strip()
+  if not q:
+    raise PredictError("--question is empty")
+  if IMAGE_TOKEN in q:
+    raise PredictError(f"--question {question!r} contains the literal {IMAGE_TOKEN} "
+                       "placeholder; the image is put in front of the question for you, "
+                       "remove it from the question")
+  return q
+
+
+class _Prompts:
+  """Builds model examples for one input: the category question (scoring) and the
+  user's question (generation), with the pipeline's own ExampleBuilder."""
+
+  def __init__(self, config, input_path: str, kind: str, tok, qtok, question: str | None):
+    model_cfg = task_lib.model_config(config)
+    self.pcfg = task_lib.pipeline_config(config, model_cfg, shuffle=False,
+                                         shuffle_options=False, face_mode="aligned")
+    self.builder = pipeline_lib.ExampleBuilder(self.pcfg, tok, qtok, strict=True)
+    self.dataset = config.predict.dataset
+    self.classes = labels_lib.classes(self.dataset)
+    self.input_path = input_path
+    self.media_type = "image" if kind == "image" else "video"
+    self.name = os.path.splitext(os.path.basename(input_path))[0]
+    self.category = f"{IMAGE_TOKEN}\n" + instructions_lib.QUESTION_TEMPLATE.format(
+        media=instructions_lib.media_word(self.media_type), options=", ".join(self.classes))
+    self.user = self.category if not question else f"{IMAGE_TOKEN}\n{question}"
+    tokd = template_lib.tokenize_conversation(
+        [{"from": "human", "value": self.user}], tok,
+        num_visual_slots=self.pcfg.num_visual_slots, max_length=self.pcfg.max_length,
+        path=input_path)
+    if tokd.truncated:
+      logging.warning("the question is longer than the prompt limit (max_length %d tokens "
+                      "with %d visual slots): it was truncated", self.pcfg.max_length,
+                      self.pcfg.num_visual_slots)
+      print("warning: the question is longer than the prompt limit and was truncated "
+            f"(config.data.pipeline.max_length={self.pcfg.max_length})", file=sys.stderr)
+    if question and len(qtok.encode(question)) > self.pcfg.qformer_max_length:
+      print("warning: the Q-Former sees only the first "
+            f"{self.pcfg.qformer_max_length - 2} tokens of the question "
+            "(config.data.pipeline.qformer_max_length)", file=sys.stderr)
+
+  def element(self, frames: np.ndarray, q: str, a: str | None) -> dict:
     conv = [{"from": "human", "value": q}] + ([{"from": "gpt", "value": a}] if a else [])
-    rec = Record(dataset=pcfg_user.dataset, split="test", id=name, media=input_path,
-                 media_type=media_type, conversations=tuple(conv))
+    rec = Record(dataset=self.dataset, split="test", id=self.name, media=self.input_path,
+                 media_type=self.media_type, conversations=tuple(conv))
     try:
-      return builder(dict(record=rec, frames=frames), np.random.default_rng(0))
+      return self.builder(dict(record=rec, frames=frames), np.random.default_rng(0))
     except BadInputError as e:
-      raise PredictError(f"{input_path}: {e}") from None
+      raise PredictError(f"{self.input_path}: {e}") from None
 
-  bs, buckets = len(classes), pcfg.bucket_lengths
+
+def score_windows(scorer, prompts: _Prompts, windows, pad_id: int) -> list[dict]:
+  """Per window: the class probabilities (softmax over the classes' answer
+  log-likelihoods after the category question) and the most likely class."""
+  classes = prompts.classes
   timeline = []
   for start, end, frames in windows:
-    exs = [element(frames, cat_q, c) for c in classes]
-    lp = scorer.answer_logp(eval_lib.collate(exs, bs, buckets, tok.pad_id))[:len(classes)]
+    exs = [prompts.element(frames, prompts.category, c) for c in classes]
+    lp = scorer.answer_logp(eval_lib.collate(exs, len(classes), prompts.pcfg.bucket_lengths,
+                                             pad_id))[:len(classes)]
     p = np.exp(lp - lp.max())
     p = p / p.sum()
     k = int(np.argmax(p))
     timeline.append({"start": round(start, 3), "end": round(end, 3), "emotion": classes[k],
                      "probability": float(p[k]),
                      "probs": {c: float(v) for c, v in zip(classes, p)}})
-  # The generated answer: on the whole input (first window for a long video's summary).
-  gen_frames = windows[0][2] if len(windows) == 1 else windows[len(windows) // 2][2]
-  ids = scorer.generate(eval_lib.collate([element(gen_frames, user_q, None)], 1, buckets,
-                                         tok.pad_id))[0].tolist()
+  return timeline
+
+
+def summarize(timeline: list[dict], classes) -> tuple[str, dict[str, float], int]:
+  """One decision for the whole input: the emotion with the highest mean probability over
+  the windows, its mean probabilities, and the window that shows it most strongly (the
+  one the answer is generated on)."""
+  mean_p = np.mean([[w["probs"][c] for c in classes] for w in timeline], axis=0)
+  emotion = classes[int(np.argmax(mean_p))]
+  window = int(np.argmax([w["probs"][emotion] for w in timeline]))
+  return emotion, {c: float(v) for c, v in zip(classes, mean_p)}, window
+
+
+def generate_answer(scorer, prompts: _Prompts, frames: np.ndarray, tok) -> str:
+  """The model's free answer to the user's question (greedy) on one window's frames."""
+  batch = eval_lib.collate([prompts.element(frames, prompts.user, None)], 1,
+                           prompts.pcfg.bucket_lengths, tok.pad_id)
+  ids = scorer.generate(batch)[0].tolist()
   if tok.eos_id in ids:
     ids = ids[:ids.index(tok.eos_id)]
-  answer = tok.decode([i for i in ids if i >= 0]).strip()
+  return tok.decode([i for i in ids if i >= 0]).strip()
 
-  # Overall emotion: mean of the window probabilities.
-  mean_p = np.mean([[w["probs"][c] for c in classes] for w in timeline], axis=0)
-  k = int(np.argmax(mean_p))
-  result: dict[str, Any] = {"input": input_path, "kind": kind, "question": user_q[len("<image>\n"):],
-                            "answer": answer, "emotion": classes[k],
-                            "probability": float(mean_p[k]),
-                            "probs": {c: float(v) for c, v in zip(classes, mean_p)}}
+
+def write_timeline(timeline: list[dict], classes, input_path: str, window_secs: float,
+                   out_dir: str, name: str) -> tuple[str, str]:
+  """<out_dir>/<name>_timeline.{json,png}."""
+  os.makedirs(out_dir, exist_ok=True)
+  jpath = os.path.join(out_dir, f"{name}_timeline.json")
+  with open(jpath, "w") as f:
+    json.dump({"input": input_path, "window_secs": window_secs, "timeline": timeline}, f,
+              indent=1)
+  ppath = _timeline_png(timeline, classes, os.path.join(out_dir, f"{name}_timeline.png"))
+  return jpath, ppath
+
+
+def synthetic_only(config) -> bool:
+  """True when every training set of the config is the generated synthetic data and no
+  pretrained weights were loaded (the embedded default)."""
+  train = [dict(d) for d in config.data.train]
+  init = config.get("init") or {}
+  return bool(train) and all(d.get("name") == "synthetic" for d in train) and not any(
+      v for k, v in init.items() if k != "allow_pickle")
+
+
+SYNTHETIC_NOTE = ("note: this model was trained on synthetic faces only; its answer and "
+                  "probabilities on real photos mean nothing")
+
+
+# ---------------------------------------------------------------------------- predict
+
+
+def predict(config, workdir: str, input_path: str, *, question: str | None = None,
+            model=None, out_dir: str | None = None) -> dict:
+  """Runs the model of `workdir` on one file; prints and returns the result. A long
+  video's timeline goes to `out_dir` (default <workdir>/predict)."""
+  kind, windows = load_windows(config, input_path)   # input errors before the model
+  question = check_question(question)
+  if model is None:
+    ckpt_lib.require_checkpoint(workdir)
+    if len(windows) > 1:
+      ckpt_lib.check_writable(out_dir or os.path.join(workdir, "predict"), "--output_dir")
+  tok, qtok = task_lib.tokenizers(task_lib.prepare_data(config, workdir, generate=False))
+  prompts = _Prompts(config, input_path, kind, tok, qtok, question)
+  if model is None:
+    from emo_jax.train import loop
+    _, model, _ = loop.restore_trained(config, workdir)
+  scorer = eval_lib.Scorer(model, max_new_tokens=config.predict.max_new_tokens,
+                           eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+  timeline = score_windows(scorer, prompts, windows, tok.pad_id)
+  emotion, probs, w = summarize(timeline, prompts.classes)
+  answer = generate_answer(scorer, prompts, windows[w][2], tok)
+  result: dict[str, Any] = {"input": input_path, "kind": kind,
+                            "question": prompts.user[len(IMAGE_TOKEN) + 1:],
+                            "answer": answer, "emotion": emotion,
+                            "probability": probs[emotion], "probs": probs}
   print(f"answer: {answer}")
-  print(f"emotion: {classes[k]} (probability {mean_p[k]:.3f})")
+  print(f"emotion: {emotion} (probability {probs[emotion]:.3f})")
   if len(timeline) > 1:
-    out_dir = os.path.join(workdir, "predict")
-    os.makedirs(out_dir, exist_ok=True)
-    jpath = os.path.join(out_dir, f"{name}_timeline.json")
-    with open(jpath, "w") as f:
-      json.dump({"input": input_path, "window_secs": pcfg_user.window_secs,
-                 "timeline": timeline}, f, indent=1)
-    ppath = _timeline_png(timeline, classes, os.path.join(out_dir, f"{name}_timeline.png"))
+    result["answer_window"] = {"start": timeline[w]["start"], "end": timeline[w]["end"]}
+    print(f"(answer generated on {timeline[w]['start']:g}-{timeline[w]['end']:g} s, the "
+          f"window where {emotion} is most likely)")
+    jpath, ppath = write_timeline(timeline, prompts.classes, input_path,
+                                  config.predict.window_secs,
+                                  out_dir or os.path.join(workdir, "predict"), prompts.name)
     result.update(timeline=timeline, timeline_json=jpath, timeline_png=ppath)
     print(f"timeline: {len(timeline)} windows -> {jpath}, {ppath}")
+  if synthetic_only(config):
+    result["note"] = SYNTHETIC_NOTE
+    print(SYNTHETIC_NOTE)
   logging.info("predict: %s", result)
   return result

@@ -18,6 +18,7 @@ from emo_jax import dtypes
 from emo_jax.convert import bundle, eva, facexformer, llama_hf, llama_vid, vision_hf
 from emo_jax.models import emo_llama
 from emo_jax.train import assets
+from emo_jax.train.errors import ConfigError
 from input_pipeline import datasets as datasets_lib
 from input_pipeline import pipeline as pipeline_lib
 from input_pipeline import tokenizers as tokenizers_lib
@@ -33,24 +34,28 @@ def data_root(config, workdir: str) -> str:
   return os.path.abspath(os.path.expanduser(root))
 
 
-def prepare_data(config, workdir: str) -> dict[str, str]:
-  """Generates the synthetic data (and its tokenizers) if the config asks for it; returns
-  the tokenizer paths."""
+def prepare_data(config, workdir: str, *, generate: bool = True) -> dict[str, str]:
+  """Generates the synthetic data (and its tokenizers) if the config asks for it and
+  `generate` (training); returns the tokenizer paths. Read-only modes pass
+  generate=False: they use what training made and create nothing."""
   root = data_root(config, workdir)
   paths = {"tokenizer": config.data.tokenizer, "qformer_vocab": config.data.qformer_vocab}
   if config.data.get("synthetic") and config.data.synthetic.get("generate", False):
-    if jax.process_index() == 0:
+    if generate and jax.process_index() == 0:
       made = assets.ensure_default_data(
           root, num_images=config.data.synthetic.num_images,
           num_clips=config.data.synthetic.num_clips, seed=config.data.synthetic.seed,
           image_size=config.data.synthetic.get("image_size", 112))
     else:
+      if not generate and not assets.is_generated(root):
+        raise ConfigError(f"no generated data in {root} (config.data.root): training makes "
+                          "it; this mode only reads it")
       made = {"tokenizer": os.path.join(root, "tokenizer.model"),
               "qformer_vocab": os.path.join(root, "vocab.txt")}
     paths = {k: paths[k] or made[k] for k in paths}
   for k, p in paths.items():
     if not p or not os.path.exists(p):
-      raise FileNotFoundError(f"config.data.{k} = {p!r} does not exist")
+      raise ConfigError(f"config.data.{k} = {p!r} does not exist")
   return paths
 
 

@@ -10,7 +10,10 @@ print(skips.report())
 Every reader checks, at listing time, that label files parse, labels are classes of the
 dataset, media paths stay inside the data root and media files exist. Each failure is a
 counted skip (reason -> count in the `SkipCounter`), or with `strict=True` a
-`BadInputError` naming the file and reason. Rows the dataset's *protocol* excludes
+`BadInputError` naming the file and reason. Two rules hold for every reader: a file no
+encoding decodes is BadInputError('bad_encoding'), and a sample listed twice is kept once
+('duplicate') or, with different labels, dropped ('conflicting_labels'), both counted.
+Rows the dataset's *protocol* excludes
 (AffectNet 'none', FERPlus 'unknown', ...) are counted apart with `SkipCounter.note`.
 Decoding the media is `input_pipeline.media`'s job (its errors are BadInputError too).
 See README.md in this folder for the layouts.
@@ -21,7 +24,8 @@ import functools
 import os
 from typing import Any, Callable
 
-from input_pipeline.datasets import affectnet, dfew, ferid, ferplus, ferv39k, mafw, rafdb
+from input_pipeline.datasets import (_common, affectnet, dfew, ferid, ferplus, ferv39k, mafw,
+                                     rafdb)
 from input_pipeline.records import BadInputError, Record, SkipCounter
 
 SYNTHETIC_KINDS = ("all", "image", "video", "instructions")
@@ -95,7 +99,7 @@ def load_records(name: str, root: str, split: str | None = "train", fold: int | 
     counter = SkipCounter(strict=True)
   else:
     counter = skips if skips is not None else SkipCounter()
-  records = reader(root, split, fold, skips=counter, **options)
+  records = _common.dedupe(reader(root, split, fold, skips=counter, **options), counter)
   if strict and skips is not None:
     skips.merge(counter)  # notes (protocol exclusions) of a strict run
   return records

@@ -1,12 +1,15 @@
 """Helpers shared by the dataset readers: text files, natural sort, path checks, skips."""
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import re
 from typing import Iterable, Sequence
 
 from input_pipeline import labels as labels_lib
-from input_pipeline.records import BadInputError, SkipCounter, check_inside_root
+from input_pipeline.records import BadInputError, Record, SkipCounter, check_inside_root
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -24,21 +27,62 @@ def natural_sorted(names: Iterable[str]) -> list[str]:
   return sorted(names, key=natural_key)
 
 
-def read_lines(path: str, encodings: Sequence[str] = ("utf-8-sig",)) -> list[str]:
-  """Lines of a text file, trying `encodings` in turn (e.g. ('utf-8-sig', 'gbk')).
+def read_text(path: str, encodings: Sequence[str] = ("utf-8-sig",)) -> str:
+  """A label / split / instruction file's text, trying `encodings` in turn.
 
-  Raises BadInputError('missing_file') if absent, ('bad_encoding') if no encoding fits.
+  The one encoding rule of every reader: a file that no encoding decodes is a
+  BadInputError('bad_encoding') naming it (a whole file cannot be half used);
+  ('missing_file') if absent, ('not_a_file') for a directory.
   """
+  if os.path.isdir(path):
+    raise BadInputError("not_a_file", path, "a directory where a file was expected")
   if not os.path.isfile(path):
     raise BadInputError("missing_file", path, "label / split file not found")
   with open(path, "rb") as f:
     data = f.read()
   for enc in encodings:
     try:
-      return data.decode(enc).splitlines()
+      return data.decode(enc)
     except UnicodeDecodeError:
       continue
   raise BadInputError("bad_encoding", path, f"not decodable as any of {list(encodings)}")
+
+
+def read_lines(path: str, encodings: Sequence[str] = ("utf-8-sig",)) -> list[str]:
+  """Lines of a text file (see read_text for the errors)."""
+  return read_text(path, encodings).splitlines()
+
+
+def read_csv(path: str, encodings: Sequence[str] = ("utf-8-sig",)) -> list[list[str]]:
+  """Rows of a CSV file (see read_text for the errors)."""
+  return list(csv.reader(io.StringIO(read_text(path, encodings), newline="")))
+
+
+def dedupe(records: list[Record], skips: SkipCounter) -> list[Record]:
+  """The one duplicate rule of every reader: the same sample (split, fold, media file or,
+  for inline pixels, id and, for instruction data, conversation) listed twice is kept once and counted ('duplicate');
+  listed with different labels it is dropped entirely and counted ('conflicting_labels'),
+  since no one can tell which label is right."""
+  groups: dict[tuple, list[int]] = {}
+  for i, r in enumerate(records):
+    conv = json.dumps(r.conversations, sort_keys=True) if r.conversations else None
+    media = r.media or f"{r.dataset}:{r.id}"   # rows with inline pixels have no file
+    groups.setdefault((r.dataset, r.split, r.fold, media, conv), []).append(i)
+  drop: set[int] = set()
+  for key, idx in groups.items():
+    if len(idx) == 1:
+      continue
+    labels = sorted({str(records[i].label) for i in idx})
+    media = key[3] if isinstance(key[3], str) else (key[3][0] if key[3] else "?")
+    if len(labels) > 1:
+      for _ in idx:
+        skips.skip("conflicting_labels", media, f"listed {len(idx)} times with labels {labels}")
+      drop.update(idx)
+    else:
+      for _ in idx[1:]:
+        skips.skip("duplicate", media, f"listed {len(idx)} times")
+      drop.update(idx[1:])
+  return [r for i, r in enumerate(records) if i not in drop]
 
 
 def first_existing(candidates: Iterable[str], what: str, root: str) -> str:

@@ -13,7 +13,6 @@ differs between copies, so it is detected (release facts: docs/DATASETS.md).
 """
 from __future__ import annotations
 
-import csv
 import os
 
 from input_pipeline import labels as labels_lib
@@ -74,8 +73,7 @@ def load(root: str, split: str | None = "train", fold: int | None = None, *,
   for sp in (("train", "val") if split is None else (split,)):
     out_split = "val" if sp in ("val", "test") else "train"
     path = _csv_path(root, sp)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-      rows = list(csv.reader(f))
+    rows = _common.read_csv(path)
     for i, row in enumerate(rows):
       if i == 0 and _is_header(row):
         continue

@@ -13,7 +13,6 @@ folders `train(single_labeled)`: both are accepted. Frames are sorted naturally.
 """
 from __future__ import annotations
 
-import csv
 import os
 
 from input_pipeline.datasets import _common
@@ -60,8 +59,7 @@ def load(root: str, split: str | None = "train", fold: int | None = None, *,
   records = []
   for sp in (SPLITS if split is None else (split,)):
     path = split_file(root, sp, fold)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-      rows = list(csv.reader(f))
+    rows = _common.read_csv(path)
     for i, row in enumerate(rows):
       if not row or not any(c.strip() for c in row):
         continue

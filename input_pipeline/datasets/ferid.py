@@ -19,6 +19,7 @@ import json
 import os
 import re
 
+from input_pipeline import labels as labels_lib
 from input_pipeline.datasets import _common
 from input_pipeline.records import BadInputError, Record, SkipCounter
 
@@ -29,9 +30,15 @@ _ROLES = ("human", "gpt")
 def json_files(root: str, split: str | None) -> list[str]:
   if os.path.isfile(root):
     return [root]
+  if os.path.isdir(root) and root.endswith((".json", ".jsonl")):
+    raise BadInputError("not_a_file", root, "a directory named like an instruction JSON file")
   if not os.path.isdir(root):
     raise BadInputError("missing_file", root, "FERID root is neither a file nor a directory")
   names = sorted(n for n in os.listdir(root) if n.endswith((".json", ".jsonl")))
+  folders = [n for n in names if os.path.isdir(os.path.join(root, n))]
+  if folders:
+    raise BadInputError("not_a_file", os.path.join(root, folders[0]),
+                        "a directory named like an instruction JSON file")
   if split is not None:
     exact = [n for n in names if os.path.splitext(n)[0] == split]
     names = exact or [n for n in names if split in os.path.splitext(n)[0]]
@@ -53,22 +60,29 @@ def category_label(conversations: list[dict]) -> str | None:
   return answer if answer in options else None
 
 
-def _read(path: str, skips: SkipCounter) -> list:
+def _parse(text: str, where: str, skips: SkipCounter):
+  """json.loads, or None after counting 'malformed_json' (syntax, or nested too deeply)."""
   try:
-    with open(path, encoding="utf-8") as f:
-      if path.endswith(".jsonl"):
-        items = []
-        for lineno, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            items.append(json.loads(line))
-          except json.JSONDecodeError as e:
-            skips.skip("malformed_json", f"{path}:{lineno}", str(e))
-        return items
-      data = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    skips.skip("malformed_json", path, str(e))
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    skips.skip("malformed_json", where, str(e))
+  except RecursionError:
+    skips.skip("malformed_json", where, "nested too deeply")
+  return None
+
+
+def _read(path: str, skips: SkipCounter) -> list:
+  text = _common.read_text(path, ("utf-8-sig",))   # bad_encoding: an error naming the file
+  if path.endswith(".jsonl"):
+    items = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+      if line.strip():
+        item = _parse(line, f"{path}:{lineno}", skips)
+        if item is not None:
+          items.append(item)
+    return items
+  data = _parse(text, path, skips)
+  if data is None:
     return []
   if not isinstance(data, list):
     skips.skip("malformed_json", path, f"top level is {type(data).__name__}, expected a list")
@@ -139,7 +153,13 @@ def load(root: str, split: str | None = "train", fold: int | None = None, *,
         skips.skip("malformed_record", where, f"media is {type(rel).__name__}")
         continue
       label = item.get("label")
-      label = label.strip().lower() if isinstance(label, str) else category_label(conv)
+      if label is not None:
+        if not isinstance(label, str) or labels_lib.canonical(label) is None:
+          skips.skip("unknown_label", where, f"label {label!r} names no known emotion")
+          continue
+        label = label.strip().lower()
+      else:
+        label = category_label(conv)
       records.append(Record(
           dataset=dataset, split=split or "train", id=str(item.get("id", f"{i}")),
           media=media, media_type=media_type, label=label, fold=fold,

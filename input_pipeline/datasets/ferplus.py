@@ -15,7 +15,6 @@ test = PrivateTest / FER2013Test (the 3,573-image test set).
 """
 from __future__ import annotations
 
-import csv
 import os
 from typing import Sequence
 
@@ -94,8 +93,7 @@ def _load_folders(root: str, split: str | None, skips: SkipCounter,
     label_path = os.path.join(folder, "label.csv")
     if not os.path.isfile(label_path):
       raise BadInputError("missing_file", label_path, "FERPlus label.csv not found")
-    with open(label_path, newline="", encoding="utf-8-sig") as f:
-      rows = list(csv.reader(f))
+    rows = _common.read_csv(label_path)
     for i, row in enumerate(rows):
       if not row or not any(c.strip() for c in row):
         continue
@@ -120,10 +118,8 @@ def _load_csv(root: str, split: str | None, skips: SkipCounter) -> list[Record]:
   if old_path is None or new_path is None:
     raise BadInputError("missing_file", root,
                         "FERPlus needs FER2013*/label.csv folders or fer2013.csv + fer2013new.csv")
-  with open(old_path, newline="", encoding="utf-8-sig") as f:
-    old = list(csv.reader(f))
-  with open(new_path, newline="", encoding="utf-8-sig") as f:
-    new = list(csv.reader(f))
+  old = _common.read_csv(old_path)
+  new = _common.read_csv(new_path)
   # Both files have a header row; detect rather than assume.
   if old and old[0] and old[0][0].strip().lower() == "emotion":
     old = old[1:]
