@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.train = [dict(name="synthetic", kind="image", split="train")]
   d.eval = [dict(name="synthetic", kind="image", split="test", label="synthetic_images")]
   d.pipeline = dict(global_batch_size=16, num_frames=1, max_length=160, bucket_lengths=(160,),
-                    qformer_max_length=24, aspect="pad", face_mode="aligned",
+                    qformer_max_length=64, aspect="pad", face_mode="aligned",
                     shuffle_options=True, worker_count=0, read_threads=1,
                     priors_dir="", agr_prompt=False)   # docs/FROZEN_PRIORS.md
 

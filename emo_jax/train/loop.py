@@ -282,10 +282,11 @@ def train(config, workdir: str) -> dict:
     checkpointer.close()
     writer.flush()
     preempt.uninstall()
-  if skips.total:
+  if skips.total or skips.truncations:
     logging.warning(skips.report())
   return {"step": step, "num_steps": num_steps, "preempted": stopped,
-          "skipped": skips.counts, "state": state, "built": built}
+          "skipped": skips.counts, "truncated": skips.truncations, "state": state,
+          "built": built}
 
 
 def _batch_sha1(batch) -> str:
