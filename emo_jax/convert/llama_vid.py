@@ -13,7 +13,15 @@ Checkpoint facts (shared/REFERENCE.md; dvlab-research/LLaMA-VID `llamavid_arch.p
   `model.vision_tower.vision_tower.*` we use it. That copy holds the 39 blocks LAVIS built, so
   all its blocks are used; from the 40-block LAVIS file the last block is dropped (eva.py).
 - config.json: `mm_hidden_size`, `num_query`, `compress_type` (None = all patches, 'mean',
-  'grid:g'), `bert_type`, `mm_projector_type`, plus the LLaMA fields (legacy `rope_scaling`).
+  'grid:g'), `bert_type`, `mm_projector_type`, `mm_vision_select_feature`, plus the LLaMA
+  fields (legacy `rope_scaling`).
+- Variants, as upstream runs them: `model.vlm_att_bert_proj` (Linear vision width -> the
+  Q-Former's 1408, present when `mm_hidden_size` != 1408) maps the ViT features before
+  `vlm_att_ln`; `mm_vision_select_feature='cls_patch'` keeps CLS for the context / content
+  tokens (with 'mean' or all patches; upstream's grid reshape fails with it, refused);
+  `grid:g` that does not divide the patch grid pools as avg_pool2d does (remainder dropped).
+  Refused, naming the field: `compress_type='grid:1'` (upstream asserts g > 1), a CLIP
+  `mm_vision_tower` (only EVA-ViT-G is read), other `bert_type` / `mm_projector_type`.
 
 Weights are read from safetensors (single, or sharded with `model.safetensors.index.json`);
 LLaMA-VID's released pickled `pytorch_model-*.bin` shards need `allow_pickle=True`.
@@ -53,6 +61,7 @@ PROJECTORS = {
   "model.mm_projector.0": ("mm_projector", "linear_1"),
   "model.mm_projector.2": ("mm_projector", "linear_2"),
 }
+BERT_PROJ = "model.vlm_att_bert_proj"
 _LLM_KEY = re.compile(r"^(lm_head\.|model\.(embed_tokens|layers|norm)\.)|rotary_emb\.inv_freq$")
 
 
@@ -61,9 +70,14 @@ def compress_type_from_config(hf: dict[str, Any]) -> str:
   c = hf.get("compress_type")
   if c is None:
     return "none"
-  if c == "mean" or re.fullmatch(r"grid:\d+", str(c)):
+  m = re.fullmatch(r"grid:(\d+)", str(c))
+  if m and int(m.group(1)) <= 1:
+    raise CheckpointError(f"config.json compress_type {c!r}: LLaMA-VID asserts a grid larger "
+                          "than 1 (token_generation), so no LLaMA-VID model runs with it")
+  if c == "mean" or m:
     return str(c)
-  raise CheckpointError(f"unsupported LLaMA-VID compress_type {c!r}")
+  raise CheckpointError(f"config.json compress_type {c!r} is not supported ('mean', 'grid:g' "
+                        "or null)")
 
 
 def _check_hf_config(hf: dict[str, Any]) -> None:
@@ -74,6 +88,14 @@ def _check_hf_config(hf: dict[str, Any]) -> None:
   if "qformer" not in bert or "pretrain" not in bert:
     raise CheckpointError(f"bert_type {bert!r} is not supported: only the Q-Former variants with "
                           "vlm_att_ln ('qformer_pretrain*') that the released models use")
+  sel = hf.get("mm_vision_select_feature", "patch")
+  if sel not in ("patch", "cls_patch"):
+    raise CheckpointError(f"config.json mm_vision_select_feature {sel!r} is not supported "
+                          "('patch' or 'cls_patch', as LLaMA-VID)")
+  tower = str(hf.get("mm_vision_tower") or "")
+  if "openai" in tower.lower() or "laion" in tower.lower():
+    raise CheckpointError(f"config.json mm_vision_tower {tower!r} is a CLIP tower; this importer "
+                          "reads LLaMA-VID's EVA-ViT-G (LAVIS) tower only")
 
 
 def _linear_params(reader: CheckpointReader, name: str, module: Any, what: str) -> dict:
@@ -138,16 +160,30 @@ def load_llama_vid(path: str, *, dtype: Any = jnp.float32, allow_pickle: bool = 
     raise CheckpointError(f"{what}: mm_hidden_size {mm_hidden} != vision width "
                           f"{vision.cfg.hidden_size}")
 
+  has_proj = BERT_PROJ + ".weight" in reader
+  if has_proj == (qcfg.encoder_hidden_size == vision.cfg.hidden_size):
+    raise CheckpointError(
+        f"{what}: the Q-Former cross-attends to width {qcfg.encoder_hidden_size}, the vision "
+        f"tower is {vision.cfg.hidden_size} wide, and {BERT_PROJ} is "
+        f"{'present' if has_proj else 'absent'}: LLaMA-VID has it exactly when they differ")
+
   kw = {"compress_type": compress_type_from_config(hf), "use_face": False, "lora_rank": 0,
-        "trainable": ("qformer", "projectors")}
+        "trainable": ("qformer", "projectors"),
+        "vision_select_feature": hf.get("mm_vision_select_feature", "patch")}
   if config_overrides.get("compress_type", kw["compress_type"]) != kw["compress_type"]:
     log.warning("%s was trained with compress_type %r; using %r", what, kw["compress_type"],
                 config_overrides["compress_type"])
   kw.update(config_overrides)
-  config = EmoLlamaConfig(llm=llm.config, vision=vision.cfg, qformer=qcfg, **kw)
+  try:
+    config = EmoLlamaConfig(llm=llm.config, vision=vision.cfg, qformer=qcfg, **kw)
+  except ValueError as e:
+    raise CheckpointError(f"{what}: {e}") from e
   model = assemble(config, seed=seed, vision_tower=vision, vlm_att_encoder=qformer.qformer,
                    vlm_att_query=qformer.query_tokens, language_model=llm)
-  for name, attrs in PROJECTORS.items():
+  projectors = dict(PROJECTORS)
+  if has_proj:
+    projectors[BERT_PROJ] = ("vlm_att_bert_proj",)
+  for name, attrs in projectors.items():
     module = model
     for a in attrs:
       module = getattr(module, a)
@@ -157,7 +193,7 @@ def load_llama_vid(path: str, *, dtype: Any = jnp.float32, allow_pickle: bool = 
 
   used = {k for k in reader.keys()
           if _LLM_KEY.search(k) or k.startswith((QFORMER_PREFIX, VISION_PREFIX)) or k == QUERY_KEY
-          or any(k in (n + ".weight", n + ".bias") for n in PROJECTORS)}
+          or any(k in (n + ".weight", n + ".bias") for n in projectors)}
   left = sorted(set(reader.keys()) - used)
   if left:
     raise CheckpointError(f"{what}: {len(left)} tensors not understood (first: {left[:5]}); "
