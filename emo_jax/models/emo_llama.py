@@ -514,8 +514,14 @@ class EmoLlama(nnx.Module):
     qids = qids.reshape(b, turns, -1)
     qmask = qmask.reshape(b, turns, -1)
     # Rows in (sample, turn, frame) order; the ViT features are shared by a sample's turns.
-    feats_t = feats if turns == 1 else jnp.repeat(feats.reshape((b, 1) + feats.shape[1:]),
-                                                  turns, axis=1).reshape((-1,) + feats.shape[1:])
+
+    def per_turn(x):  # [b*f, ...] -> [b*turns*f, ...] (a sample's frames for each turn)
+      if turns == 1:
+        return x
+      x = x.reshape((b, 1, f) + x.shape[1:])
+      return jnp.broadcast_to(x, (b, turns, f) + x.shape[3:]).reshape((-1,) + x.shape[3:])
+
+    feats_t = per_turn(feats)
     qids = jnp.repeat(qids, f, axis=1).reshape(b * turns * f, -1)
     qmask = jnp.repeat(qmask, f, axis=1).reshape(b * turns * f, -1)
     q_out = self.qformer_queries(feats_t, qids, qmask)
@@ -525,13 +531,6 @@ class EmoLlama(nnx.Module):
     patches_t = feats_t if keep_cls else feats_t[:, 1:]
     context = self.context_token(text_q, patches_t)  # [b*turns*f, 1, D]
     content = self.content_tokens(patches)  # [b*f, n, D], the same for every turn
-
-    def per_turn(x):  # [b*f, k, D] -> [b*turns*f, k, D]
-      if turns == 1:
-        return x
-      x = x.reshape((b, 1, f) + x.shape[1:])
-      return jnp.broadcast_to(x, (b, turns, f) + x.shape[3:]).reshape((-1,) + x.shape[3:])
-
     parts = [context, per_turn(content)]
     if cfg.use_face:
       g, loc = self.face_priors(batch)
