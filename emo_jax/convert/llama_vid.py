@@ -23,6 +23,10 @@ Checkpoint facts (shared/REFERENCE.md; dvlab-research/LLaMA-VID `llamavid_arch.p
   Refused, naming the field: `compress_type='grid:1'` (upstream asserts g > 1), a CLIP
   `mm_vision_tower` (only EVA-ViT-G is read), other `bert_type` / `mm_projector_type`.
 
+A directory written by `save_llama_vid` (emo_jax.convert.llama_vid_export) carries an
+`emo_jax` entry in config.json (our whole config) and the face modules under `emo_jax.*`:
+they are restored too, so save -> load gives the same numbers.
+
 Weights are read from safetensors (single, or sharded with `model.safetensors.index.json`);
 LLaMA-VID's released pickled `pytorch_model-*.bin` shards need `allow_pickle=True`.
 The face modules (not in LLaMA-VID) and LoRA adapters start from a fresh initialisation.
@@ -62,6 +66,11 @@ PROJECTORS = {
   "model.mm_projector.2": ("mm_projector", "linear_2"),
 }
 BERT_PROJ = "model.vlm_att_bert_proj"
+EMO_PREFIX = "emo_jax."  # face modules of an emo_jax export (save_llama_vid), our layout
+# EmoLlamaConfig fields an emo_jax export's `emo_jax` config entry restores (the rest is read
+# from the LLaMA-VID fields and tensor shapes).
+_EMO_FIELDS = ("use_face", "face_prior", "tiny_face_prior", "facexformer", "face",
+               "agr_template", "vlm_att_ln_eps", "image_token_id", "trainable", "loss_chunk")
 _LLM_KEY = re.compile(r"^(lm_head\.|model\.(embed_tokens|layers|norm)\.)|rotary_emb\.inv_freq$")
 
 
@@ -114,7 +123,7 @@ def _linear_params(reader: CheckpointReader, name: str, module: Any, what: str) 
 
 
 def load_llama_vid(path: str, *, dtype: Any = jnp.float32, allow_pickle: bool = False,
-                   vision_path: str | None = None, qformer_num_heads: int = 12,
+                   vision_path: str | None = None, qformer_num_heads: int | None = None,
                    vision_num_heads: int | None = None, seed: int = 0,
                    **config_overrides) -> EmoLlama:
   """A LLaMA-VID checkpoint directory -> `EmoLlama` with the same numbers.
@@ -122,7 +131,8 @@ def load_llama_vid(path: str, *, dtype: Any = jnp.float32, allow_pickle: bool = 
   config_overrides go to `EmoLlamaConfig` (e.g. `use_face`, `face`, `face_prior`, `lora_rank`,
   `trainable`, or `compress_type`, which defaults to the checkpoint's); parts absent from LLaMA-VID (face modules, LoRA) are initialised from `seed`.
   `qformer_num_heads` / `vision_num_heads` are needed because head counts are not in the
-  tensor shapes (BERT-base 12; EVA-ViT-G width / 88).
+  tensor shapes (default: an emo_jax export's saved counts, else BERT-base 12 and EVA-ViT-G's
+  width / 88).
   """
   p = Path(path)
   cfg_file = p / "config.json"
@@ -132,6 +142,11 @@ def load_llama_vid(path: str, *, dtype: Any = jnp.float32, allow_pickle: bool = 
   _check_hf_config(hf)
   reader = CheckpointReader(p, allow_pickle=allow_pickle)
   what = f"LLaMA-VID checkpoint {p}"
+  saved = _emo_config(hf, what)
+  if qformer_num_heads is None:
+    qformer_num_heads = saved.qformer.num_attention_heads if saved is not None else 12
+  if vision_num_heads is None and saved is not None:
+    vision_num_heads = saved.vision.num_attention_heads
 
   llm = load_llama(p, dtype=dtype, allow_pickle=allow_pickle)
 
@@ -170,6 +185,8 @@ def load_llama_vid(path: str, *, dtype: Any = jnp.float32, allow_pickle: bool = 
   kw = {"compress_type": compress_type_from_config(hf), "use_face": False, "lora_rank": 0,
         "trainable": ("qformer", "projectors"),
         "vision_select_feature": hf.get("mm_vision_select_feature", "patch")}
+  if saved is not None:
+    kw.update({k: getattr(saved, k) for k in _EMO_FIELDS})
   if config_overrides.get("compress_type", kw["compress_type"]) != kw["compress_type"]:
     log.warning("%s was trained with compress_type %r; using %r", what, kw["compress_type"],
                 config_overrides["compress_type"])
@@ -191,15 +208,58 @@ def load_llama_vid(path: str, *, dtype: Any = jnp.float32, allow_pickle: bool = 
       var = getattr(module, k)
       var.set_value(jnp.asarray(arr, dtype=var.dtype))
 
+  emo_keys = {k for k in reader.keys() if k.startswith(EMO_PREFIX)}
+  if emo_keys:
+    _load_emo_parts(model, reader, emo_keys, what)
   used = {k for k in reader.keys()
           if _LLM_KEY.search(k) or k.startswith((QFORMER_PREFIX, VISION_PREFIX)) or k == QUERY_KEY
-          or any(k in (n + ".weight", n + ".bias") for n in projectors)}
+          or any(k in (n + ".weight", n + ".bias") for n in projectors)} | emo_keys
   left = sorted(set(reader.keys()) - used)
   if left:
     raise CheckpointError(f"{what}: {len(left)} tensors not understood (first: {left[:5]}); "
                           "a LLaMA-VID variant this importer does not support?")
   check_concrete(model)
   return model
+
+
+def _emo_config(hf: dict[str, Any], what: str) -> EmoLlamaConfig | None:
+  entry = hf.get("emo_jax")
+  if entry is None:
+    return None
+  if not isinstance(entry, dict) or entry.get("format") != "emo_jax.llama_vid_export":
+    raise CheckpointError(f"{what}: config.json 'emo_jax' entry is not an emo_jax export")
+  if entry.get("version") != 1:
+    raise CheckpointError(f"{what}: emo_jax export version {entry.get('version')} (this code "
+                          "reads 1)")
+  return EmoLlamaConfig.from_dict(entry["config"])
+
+
+def _load_emo_parts(model: EmoLlama, reader: CheckpointReader, keys: set[str],
+                    what: str) -> None:
+  """Face modules of an emo_jax export (`emo_jax.{face_mining,face_prior}.<our path>`)."""
+  from emo_jax.convert.bundle import _array_variables  # pylint: disable=g-import-not-at-top
+  want = set()
+  for part in ("face_mining", "face_prior"):
+    module = getattr(model, part, None)
+    if module is None:
+      continue
+    for p, var in _array_variables(module):
+      name = EMO_PREFIX + part + "." + ".".join(str(getattr(x, "key", x)) for x in p)
+      want.add(name)
+      if name not in keys:
+        raise CheckpointError(f"{what}: missing tensor {name!r} (the face modules of the "
+                              "config do not match the exported ones)")
+      arr = reader.get(name)
+      if tuple(arr.shape) != tuple(var.get_value().shape):
+        raise CheckpointError(f"{what}: {name} has shape {tuple(arr.shape)}, the config gives "
+                              f"{tuple(var.get_value().shape)}")
+      var.set_value(jnp.asarray(np.asarray(arr), dtype=var.get_value().dtype))
+  left = sorted(keys - want)
+  if left and want:
+    raise CheckpointError(f"{what}: {len(left)} emo_jax tensors the config does not have "
+                          f"(first: {left[:5]})")
+  if left:
+    log.warning("%s: %d face-module tensors left aside (use_face=False)", what, len(left))
 
 
 def assemble(config: EmoLlamaConfig, *, seed: int = 0, **parts: Any) -> EmoLlama:
