@@ -65,7 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.pipeline = dict(global_batch_size=16, num_frames=1, max_length=160, bucket_lengths=(160,),
                     qformer_max_length=64, aspect="pad", face_mode="aligned",
                     shuffle_options=True, worker_count=0, read_threads=1,
-                    priors_dir="", agr_prompt=False)   # docs/FROZEN_PRIORS.md
+                    priors_dir="", agr_prompt=False,   # docs/FROZEN_PRIORS.md
+                    image_turns=1, image_position="random")   # multi-turn: README
 
   # ---- optimisation
   o = c.optimizer = ml_collections.ConfigDict()

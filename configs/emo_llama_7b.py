@@ -82,7 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     bucket_lengths=(512, 1024, 2048), qformer_max_length=64, aspect="pad",
                     face_mode="detect_or_full", worker_count=8, read_threads=4,
                     # Frozen-prior mode (docs/FROZEN_PRIORS.md): '' = run the prior online.
-                    priors_dir="", agr_prompt=False)
+                    priors_dir="", agr_prompt=False,
+                    # Multi-turn data: visual tokens per user turn (README "Multi-turn data").
+                    image_turns=1, image_position="random")
 
   o = c.optimizer = ml_collections.ConfigDict()
   o.lr = 2e-5                    # fully trained modules (Q-Former, projectors, face module)
