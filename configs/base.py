@@ -82,7 +82,9 @@ def get_base_config() -> ml_collections.ConfigDict:
                     face_mode="detect_or_full", shuffle_options=True, worker_count=8,
                     read_threads=4,
                     # Frozen-prior mode (docs/FROZEN_PRIORS.md): '' = run the prior online.
-                    priors_dir="", agr_prompt=False)
+                    priors_dir="", agr_prompt=False,
+                    # Multi-turn data: visual tokens per user turn (README "Multi-turn data").
+                    image_turns=1, image_position="random")
 
   # ---- optimisation (AdamW, linear warmup, cosine decay; emo_jax.train.optimizer)
   o = c.optimizer = ml_collections.ConfigDict()

@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.train = [dict(name="synthetic", kind="image", split="train")]
   d.eval = [dict(name="synthetic", kind="image", split="test", label="synthetic_images")]
   d.pipeline.update(global_batch_size=16, num_frames=1, max_length=160, bucket_lengths=(160,),
-                    qformer_max_length=24, face_mode="aligned", worker_count=0, read_threads=1)
+                    qformer_max_length=64, face_mode="aligned", worker_count=0, read_threads=1)
 
   # ---- optimisation
   o = c.optimizer

@@ -22,10 +22,22 @@ The batch is exactly docs/INTERFACES.md "The batch". The iterator is a grain
 skip counts), so orbax can checkpoint it beside the train state.
 
 Our choices: per-example randomness (option order of generated instructions) comes from
-grain's per-index generator, so it is reproducible and survives restore; the Q-Former
-text is the first question without placeholder and without the AGR sentence; a skipped
+grain's per-index generator, so it is reproducible and survives restore; a skipped
 example shifts later batches (batches stay full), identical in a restored run;
 `global_batch_size` is split evenly over processes.
+
+Q-Former text (LLaMA-VID, `llamavid/train/train.py` and `llamavid_arch.py`): a user turn with
+every '<image>' and newline removed (`template.qformer_text`; no AGR sentence), BERT ids cut
+from the left to `qformer_max_length` ([CLS] and [SEP] kept; upstream cuts at 256). An
+instruction longer than that is used cut, and counted: `SkipCounter.truncations`
+['qformer_text_truncated'] (and the iterator state), reported with the skips.
+
+Multi-turn (`image_turns` > 1, LLaMA-VID's per-turn prompts): each of the first
+`image_turns` user turns gets its own placeholder, its own `num_frames * tokens_per_frame`
+slots and its own Q-Former text, so the batch carries `qformer_ids` / `qformer_mask`
+[B, image_turns, Tq] (rows of absent turns all padding); turns beyond are dropped and counted
+('conversation_turns_dropped'). With `image_turns == 1` the batch is the single-turn one,
+`qformer_ids` [B, Tq].
 
 Frozen-prior mode (`PipelineConfig.priors_dir`, docs/FROZEN_PRIORS.md): the face prior network
 is frozen, so `emo_jax.jobs.precompute_priors` runs it once per sample and stores its outputs by
@@ -64,6 +76,9 @@ from input_pipeline.records import BadInputError, Record, SkipCounter
 from input_pipeline.tokenizers import BertTokenizer, LlamaTokenizer
 
 SKIP_KEY = "_skip"
+# An example's counted-but-kept changes: a tuple of (reason, path, detail); collate drops
+# every key that starts with '_'.
+NOTES_KEY = "_truncated"
 FACE_MODES = ("aligned", "detect", "detect_or_full", "none")
 
 
@@ -77,7 +92,15 @@ class PipelineConfig:
     tokens_per_frame: EmoLlamaConfig.tokens_per_frame (1 + content + face tokens).
     max_length: longest LLaMA sequence, visual slots included (<= max(bucket_lengths)).
     bucket_lengths: batches are padded to the smallest of these that fits.
-    qformer_max_length: fixed Q-Former text length Tq.
+    qformer_max_length: fixed Q-Former text length Tq (BERT ids with [CLS] and [SEP]); a
+      longer instruction loses its beginning, as in LLaMA-VID (which allows 256), and is
+      counted. 64 holds the 7-class category instruction (about 37 bert-base-uncased ids)
+      with room for longer option lists.
+    image_turns: user turns that each get their own visual tokens and Q-Former text
+      (LLaMA-VID: every turn); 1: one visual block in the first turn, qformer_ids [B, Tq];
+      N > 1: qformer_ids [B, N, Tq], later turns dropped (counted).
+    image_position: where a later turn without '<image>' gets it: 'random' (start or end,
+      per-example generator, as LLaMA-VID), 'start', 'end'.
     image_size / face_size: ViT and face-network input sides.
     aspect: ViT geometry, 'pad' (LLaMA-VID) | 'crop' | 'resize' (media.geometry).
     face_mode: 'aligned' (the frame is the face, as in RAF-DB aligned / DFEW 224 clips),
@@ -110,7 +133,9 @@ class PipelineConfig:
   tokens_per_frame: int = 2
   max_length: int = 256
   bucket_lengths: tuple[int, ...] = (128, 256)
-  qformer_max_length: int = 32
+  qformer_max_length: int = 64
+  image_turns: int = 1
+  image_position: str = "random"
   image_size: int = 224
   face_size: int = 224
   aspect: str = "pad"
@@ -139,6 +164,14 @@ class PipelineConfig:
       raise ValueError(f"face_mode must be one of {FACE_MODES}, got {self.face_mode!r}")
     if self.aspect not in media_lib.ASPECTS:
       raise ValueError(f"aspect must be one of {media_lib.ASPECTS}, got {self.aspect!r}")
+    if self.image_turns < 1:
+      raise ValueError(f"image_turns must be >= 1, got {self.image_turns}")
+    if self.image_position not in ("random", "start", "end"):
+      raise ValueError(f"image_position must be 'random', 'start' or 'end', got "
+                       f"{self.image_position!r}")
+    if self.qformer_max_length < 2:
+      raise ValueError(f"qformer_max_length {self.qformer_max_length} cannot hold [CLS] "
+                       "and [SEP]")
     if self.agr_prompt and not self.priors_dir:
       raise ValueError("agr_prompt takes the AGR sentence from precomputed priors: set "
                        "priors_dir (see emo_jax.jobs.precompute_priors)")
@@ -231,6 +264,29 @@ class ExampleBuilder:
 
   # -- the example ---------------------------------------------------------------------
 
+  def _qformer_inputs(self, conversations, tok: template_lib.Tokenized, record: Record
+                      ) -> tuple[np.ndarray, np.ndarray, list]:
+    """(ids, mask) int32 [Tq] (image_turns == 1) or [image_turns, Tq], and the notes."""
+    length = self.config.qformer_max_length
+    texts = template_lib.qformer_texts(conversations, tok)
+    rows, notes = [], []
+    for text in texts:
+      full = self.qformer_tokenizer.encode(text)
+      if len(full) > length:
+        notes.append(("qformer_text_truncated", _where(record),
+                      f"{len(full)} BERT ids > qformer_max_length={length}; the first "
+                      f"{len(full) - length} text ids dropped"))
+      rows.append(self.qformer_tokenizer.pad(self.qformer_tokenizer.truncate(full, length),
+                                             length))
+    if self.config.image_turns == 1:
+      return rows[0][0], rows[0][1], notes
+    ids = np.full((self.config.image_turns, length), self.qformer_tokenizer.pad_id, np.int32)
+    mask = np.zeros((self.config.image_turns, length), np.int32)
+    for i, (r_ids, r_mask) in enumerate(rows):
+      ids[i], mask[i] = r_ids, r_mask
+    return ids, mask, notes
+
+
   def build(self, element: Record | Mapping[str, Any], rng: np.random.Generator) -> dict:
     cfg = self.config
     record = element["record"] if _is_preextracted(element) else element
@@ -260,13 +316,18 @@ class ExampleBuilder:
     tok = template_lib.tokenize_conversation(
         inst.conversations, self.tokenizer, num_visual_slots=cfg.num_visual_slots,
         max_length=cfg.max_length, template=self.template, agr_sentence=agr,
-        path=str(record.media))
-    q_ids, q_mask = self.qformer_tokenizer.encode_padded(
-        template_lib.first_question(inst.conversations), cfg.qformer_max_length)
+        path=str(record.media), image_turns=cfg.image_turns,
+        image_position=cfg.image_position, rng=rng)
+    notes = []
+    if tok.dropped_rounds:
+      notes.append(("conversation_turns_dropped", _where(record),
+                    f"{tok.dropped_rounds} rounds beyond image_turns={cfg.image_turns}"))
+    q_ids, q_mask, q_notes = self._qformer_inputs(inst.conversations, tok, record)
+    notes.extend(q_notes)
 
     attention = np.ones_like(tok.input_ids)
-    first_pad_slot = tok.image_start + n_real * cfg.tokens_per_frame
-    attention[first_pad_slot:tok.image_start + cfg.num_visual_slots] = 0
+    for start in tok.image_starts:
+      attention[start + n_real * cfg.tokens_per_frame:start + cfg.num_visual_slots] = 0
     frame_mask = np.zeros((cfg.num_frames,), bool)
     frame_mask[:n_real] = True
 
@@ -281,6 +342,8 @@ class ExampleBuilder:
         "loss_mask": tok.loss_mask,
         "label": np.int32(inst.label_index),
     }
+    if notes:
+      out[NOTES_KEY] = tuple(notes)
     if stored is not None:
       for key in ("face_global", "face_local"):
         out[key] = _pad_frames(np.asarray(stored[key], np.float32)[:n_real], cfg.num_frames)
@@ -365,11 +428,16 @@ class _CountSkipsIterator(grain.DatasetIterator):
     self._counter = counter
     self._max_consecutive = max_consecutive
     self._counts: collections.Counter[str] = collections.Counter()
+    self._truncs: collections.Counter[str] = collections.Counter()
 
   def __next__(self):
     run = 0
     while True:
       element = next(self._parent)
+      if isinstance(element, Mapping) and NOTES_KEY in element:
+        for reason, path, detail in element[NOTES_KEY]:
+          self._truncs[reason] += 1
+          self._counter.truncation(reason, path, detail)
       if isinstance(element, Mapping) and SKIP_KEY in element:
         reason, path, detail = element[SKIP_KEY]
         self._counts[reason] += 1
@@ -382,12 +450,15 @@ class _CountSkipsIterator(grain.DatasetIterator):
       return element
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(), "skips": dict(self._counts)}
+    return {"parent": self._parent.get_state(), "skips": dict(self._counts),
+            "truncations": dict(self._truncs)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
     self._counts = collections.Counter(state.get("skips", {}))
+    self._truncs = collections.Counter(state.get("truncations", {}))
     self._counter.merge(self._counts)
+    self._counter.merge_truncations(self._truncs)
 
 
 class _CountSkipsIterDataset(grain.IterDataset):
@@ -432,7 +503,7 @@ def collate(examples: Sequence[dict], *, bucket_lengths: Sequence[int], pad_id: 
     batch[key] = arr
   stacked: list[str] = []
   for key in examples[0]:
-    if key in batch:
+    if key in batch or key.startswith("_"):  # NOTES_KEY: counted upstream, not batch data
       continue
     alias = next((k for k in stacked if isinstance(examples[0][key], np.ndarray)
                   and all(e[key] is e[k] for e in examples)), None)

@@ -73,6 +73,8 @@ class SkipCounter:
     self._counts: collections.Counter[str] = collections.Counter()
     self._examples: dict[str, list[str]] = collections.defaultdict(list)
     self._notes: collections.Counter[str] = collections.Counter()
+    self._truncs: collections.Counter[str] = collections.Counter()
+    self._trunc_examples: dict[str, list[str]] = collections.defaultdict(list)
     self._lock = threading.Lock()
 
   def __getstate__(self):
@@ -99,6 +101,23 @@ class SkipCounter:
     with self._lock:
       return dict(self._notes)
 
+  def truncation(self, reason: str, path: str | None = None, detail: str = "") -> None:
+    """Counts an input that is used, but cut to fit the config (e.g. a Q-Former text
+    longer than `qformer_max_length`); never raises, even when strict. Reported apart."""
+    with self._lock:
+      self._truncs[reason] += 1
+      if len(self._trunc_examples[reason]) < self.max_examples:
+        self._trunc_examples[reason].append(f"{path or '?'}{': ' + detail if detail else ''}")
+
+  @property
+  def truncations(self) -> dict[str, int]:
+    with self._lock:
+      return dict(self._truncs)
+
+  def merge_truncations(self, counts: Mapping[str, int]) -> None:
+    with self._lock:
+      self._truncs.update(dict(counts))
+
   def skip(self, reason: str, path: str | None = None, detail: str = "") -> None:
     """Records one skip, or raises BadInputError when strict."""
     if self.strict:
@@ -112,7 +131,9 @@ class SkipCounter:
     counts = other.counts if isinstance(other, SkipCounter) else dict(other)
     notes = other.notes if isinstance(other, SkipCounter) else {}
     examples = other._examples if isinstance(other, SkipCounter) else {}
+    truncs = other.truncations if isinstance(other, SkipCounter) else {}
     with self._lock:
+      self._truncs.update(truncs)
       self._counts.update(counts)
       self._notes.update(notes)
       for reason, ex in examples.items():
@@ -139,6 +160,12 @@ class SkipCounter:
     if notes:
       lines.append(f"excluded by protocol: {sum(notes.values())}")
       lines.extend(f"  {reason}: {n}" for reason, n in sorted(notes.items()))
+    truncs = self.truncations
+    if truncs:
+      lines.append(f"used but truncated: {sum(truncs.values())}")
+      for reason, n in sorted(truncs.items()):
+        examples = "; ".join(self._trunc_examples.get(reason, []))
+        lines.append(f"  {reason}: {n}" + (f" (e.g. {examples})" if examples else ""))
     return "\n".join(lines)
 
 

@@ -10,7 +10,10 @@
 - `BertTokenizer` reads a BERT `vocab.txt` with the `tokenizers` library: BERT's basic
   normaliser (lower case, accent stripping, Chinese-char splitting), WordPiece with
   '##' continuations, `[CLS] ... [SEP]` (bert-base-uncased, as InstructBLIP and LLaMA-VID
-  use). Our choice: truncation keeps the left part of the text and always the [SEP].
+  use). LLaMA-VID builds it with `truncation_side="left"` and `[DEC]` added as a special token
+  (id = len(vocab.txt), the Q-Former's 30523rd row) and calls it with `truncation=True,
+  max_length=256` (`llamavid/model/llamavid_arch.py`, `init_bert` / `vlm_attention`): a long
+  text loses its beginning, [CLS] and [SEP] stay. We do the same (`truncation_side`).
 
 Both tokenizers pickle (grain worker processes receive them by value).
 """
@@ -118,6 +121,8 @@ class BertTokenizer:
     for special in ("[UNK]", "[CLS]", "[SEP]", "[PAD]"):
       if special not in vocab:
         raise ValueError(f"vocab.txt lacks the special token {special}")
+    # LLaMA-VID / LAVIS add '[DEC]' as a special token after the vocabulary.
+    self._dec_id = vocab.get("[DEC]", len(vocab))
     self._vocab = vocab
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
     tok.normalizer = normalizers.BertNormalizer(
@@ -129,6 +134,8 @@ class BertTokenizer:
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
                             if t in vocab])
+    if "[DEC]" not in vocab:
+      tok.add_special_tokens(["[DEC]"])  # takes the next id, len(vocab)
     self._tok = tok
 
   def __getstate__(self):
@@ -148,6 +155,10 @@ class BertTokenizer:
     return self._vocab["[PAD]"]
 
   @property
+  def dec_id(self) -> int:
+    return self._dec_id
+
+  @property
   def cls_id(self) -> int:
     return self._vocab["[CLS]"]
 
@@ -155,23 +166,48 @@ class BertTokenizer:
   def sep_id(self) -> int:
     return self._vocab["[SEP]"]
 
-  def encode(self, text: str, *, max_length: int | None = None) -> list[int]:
-    """`[CLS] wordpieces [SEP]`, truncated on the right to `max_length` (SEP kept)."""
+  def encode(self, text: str, *, max_length: int | None = None,
+             truncation_side: str = "left") -> list[int]:
+    """`[CLS] wordpieces [SEP]`; longer than `max_length` -> `truncate(ids, max_length)`."""
     ids = self._tok.encode(text).ids
-    if max_length is not None and len(ids) > max_length:
-      if max_length < 2:
-        raise ValueError(f"max_length {max_length} cannot hold [CLS] and [SEP]")
-      ids = ids[:max_length - 1] + [self.sep_id]
+    if max_length is not None:
+      ids = self.truncate(ids, max_length, truncation_side)
     return ids
 
-  def encode_padded(self, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+  def truncate(self, ids: Sequence[int], max_length: int, side: str = "left") -> list[int]:
+    """`[CLS] ... [SEP]` ids cut to `max_length`, keeping [CLS] and [SEP]: 'left' drops the
+    text's first wordpieces (LLaMA-VID, transformers' truncation_side='left'), 'right' its
+    last ones."""
+    ids = list(ids)
+    if len(ids) <= max_length:
+      return ids
+    if max_length < 2:
+      raise ValueError(f"max_length {max_length} cannot hold [CLS] and [SEP]")
+    keep = max_length - 2
+    body = ids[1:-1]
+    if side == "left":
+      body = body[len(body) - keep:] if keep else []
+    elif side == "right":
+      body = body[:keep]
+    else:
+      raise ValueError(f"truncation side must be 'left' or 'right', got {side!r}")
+    return [ids[0]] + body + [ids[-1]]
+
+  def pad(self, ids: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [length], mask int32 [length]), right-padded with [PAD]."""
-    ids = self.encode(text, max_length=length)
+    if len(ids) > length:
+      raise ValueError(f"{len(ids)} ids do not fit length {length}; truncate first")
     out = np.full((length,), self.pad_id, np.int32)
     mask = np.zeros((length,), np.int32)
     out[:len(ids)] = ids
     mask[:len(ids)] = 1
     return out, mask
+
+  def encode_padded(self, text: str, length: int, *, truncation_side: str = "left"
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [length], mask int32 [length]): `encode` cut to `length`, right-padded."""
+    return self.pad(self.encode(text, max_length=length, truncation_side=truncation_side),
+                    length)
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

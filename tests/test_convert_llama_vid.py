@@ -151,26 +151,34 @@ def _batch(tpf, rng):
               input_ids=ids, attention_mask=mask, loss_mask=np.zeros_like(mask)), prefix
 
 
-def _torch_frame_tokens(ck, pixels, qids, qmask):
-  """LLaMA-VID per-frame tokens [ctx, content...] for NHWC pixels of one sample's frames."""
+def _torch_frame_tokens(ck, pixels, qids, qmask, *, select="patch", compress=f"grid:{GRID}"):
+  """LLaMA-VID per-frame tokens [ctx, content...] for NHWC pixels of one sample's frames
+  (`vlm_attention` + `token_generation`, re-written on the reference modules)."""
   mods = ck["mods"]
   x = _torch_eva(ck["eva"], torch.tensor(pixels).permute(0, 3, 1, 2))
   n = x.shape[0]
   qids = torch.tensor(qids)[None].expand(n, -1).long()
   att = torch.cat([torch.ones(n, NQ, dtype=torch.long), torch.tensor(qmask)[None].expand(n, -1)],
                   1)
+  bert_feat = mods["vlm_att_bert_proj"](x) if "vlm_att_bert_proj" in mods else x
   q_out = ck["qformer"](input_ids=qids, attention_mask=att,
                         query_embeds=ck["query"].expand(n, -1, -1),
-                        encoder_hidden_states=mods["vlm_att_ln"](x)).last_hidden_state[:, :NQ]
+                        encoder_hidden_states=mods["vlm_att_ln"](bert_feat)
+                        ).last_hidden_state[:, :NQ]
   text_q = mods["vlm_att_projector"](q_out)
-  vis = x[:, 1:]  # CLS dropped
+  vis = x[:, 1:] if select == "patch" and x.shape[1] % 2 == 1 else x  # CLS dropped for 'patch'
   # LLaMA-VID token_generation: key projection, scale by the raw width, values = raw patches.
   s = text_q @ mods["vlm_att_key_projector"](vis).transpose(-1, -2) / math.sqrt(vis.shape[-1])
   ctx = mods["vlm_att_val_projector"]((s.softmax(-1) @ vis).mean(1)[:, None])
-  side = int(math.isqrt(vis.shape[1]))
-  grid = F.avg_pool2d(vis.reshape(n, side, side, -1).permute(0, 3, 1, 2),
-                      kernel_size=side // GRID, stride=side // GRID)
-  content = mods["mm_projector"](grid.permute(0, 2, 3, 1).flatten(1, 2))
+  if compress.startswith("grid:"):
+    g = int(compress.split(":")[1])
+    side = int(vis.shape[1] ** 0.5)
+    vis = F.avg_pool2d(vis.reshape(n, side, side, -1).permute(0, 3, 1, 2),
+                       kernel_size=side // g, stride=side // g, padding=0)
+    vis = vis.permute(0, 2, 3, 1).flatten(1, 2)
+  elif compress == "mean":
+    vis = vis.mean(dim=1, keepdim=True)
+  content = mods["mm_projector"](vis)
   return torch.cat([ctx, content], 1)
 
 
@@ -237,9 +245,15 @@ def test_face_modules_and_lora_are_fresh_and_bad_checkpoints_fail(ckpt, tmp_path
   bad.mkdir()
   (bad / "config.json").write_text(json.dumps(ckpt["hf"]))
   sd = {k: v.numpy() for k, v in ckpt["sd"].items()}
-  save_file({**sd, "model.vlm_att_bert_proj.weight": np.zeros((2, 2), np.float32)},
+  save_file({**sd, "model.vlm_att_extra.weight": np.zeros((2, 2), np.float32)},
             str(bad / "model.safetensors"))
   with pytest.raises(CheckpointError, match="not understood"):
+    load_llama_vid(str(bad), qformer_num_heads=2, vision_num_heads=HEADS_V)
+  # A vlm_att_bert_proj although the widths agree: not a model LLaMA-VID builds.
+  save_file({**sd, "model.vlm_att_bert_proj.weight": np.zeros((CV, CV), np.float32),
+             "model.vlm_att_bert_proj.bias": np.zeros((CV,), np.float32)},
+            str(bad / "model.safetensors"))
+  with pytest.raises(CheckpointError, match="vlm_att_bert_proj is present"):
     load_llama_vid(str(bad), qformer_num_heads=2, vision_num_heads=HEADS_V)
   save_file({k: v for k, v in sd.items() if "vision_tower" not in k},
             str(bad / "model.safetensors"))
@@ -248,3 +262,111 @@ def test_face_modules_and_lora_are_fresh_and_bad_checkpoints_fail(ckpt, tmp_path
   (bad / "config.json").write_text(json.dumps({**ckpt["hf"], "bert_type": "raw_bert"}))
   with pytest.raises(CheckpointError, match="bert_type"):
     load_llama_vid(str(bad), qformer_num_heads=2, vision_num_heads=HEADS_V)
+
+
+# ------------------------------------------------------------------ LLaMA-VID variants
+
+
+def _write_dir(path, sd, hf):
+  path.mkdir()
+  (path / "config.json").write_text(json.dumps(hf))
+  save_file({k: v.detach().numpy() if hasattr(v, "detach") else v for k, v in sd.items()},
+            str(path / "model.safetensors"))
+  return str(path)
+
+
+def _visual_parity(model, ck, **ref_kw):
+  batch, _ = _batch(model.config.tokens_per_frame, np.random.default_rng(1))
+  visual = np.asarray(nnx.jit(lambda m, b: m.encode_frames(b))(model, batch))
+  tpf = model.config.tokens_per_frame
+  with torch.no_grad():
+    for i in range(2):
+      nf = int(batch["frame_mask"][i].sum())
+      tok = _torch_frame_tokens(ck, batch["frames"][i, :nf], batch["qformer_ids"][i],
+                                batch["qformer_mask"][i], **ref_kw)
+      np.testing.assert_allclose(visual[i, :nf * tpf], tok.reshape(nf * tpf, -1).numpy(),
+                                 atol=1e-4, rtol=1e-4)
+
+
+def test_bert_proj_variant_matches_upstream(ckpt, tmp_path):
+  """A vision width (24) other than the Q-Former's cross-attention width (20): LLaMA-VID's
+  vlm_att_bert_proj (24 -> 20) runs before vlm_att_ln (LayerNorm(20))."""
+  g = torch.Generator().manual_seed(3)
+  enc = 20
+  qformer = InstructBlipQFormerModel(InstructBlipQFormerConfig(
+      vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+      intermediate_size=32, max_position_embeddings=32, encoder_hidden_size=enc)).eval()
+  mods = dict(ckpt["mods"], vlm_att_ln=torch.nn.LayerNorm(enc),
+              vlm_att_bert_proj=torch.nn.Linear(CV, enc))
+  with torch.no_grad():
+    mods["vlm_att_ln"].weight.add_(0.3 * torch.randn(enc, generator=g))
+  sd = {k: v for k, v in ckpt["sd"].items() if not k.startswith(
+      ("model.vlm_att_encoder.", "model.vlm_att_ln."))}
+  for k, v in qformer.state_dict().items():
+    sd["model.vlm_att_encoder.bert." + _lavis_qformer_key(k)] = v
+  for name in ("vlm_att_ln", "vlm_att_bert_proj"):
+    for k, v in mods[name].state_dict().items():
+      sd[f"model.{name}.{k}"] = v
+  path = _write_dir(tmp_path / "proj", sd, ckpt["hf"])
+  model = load_llama_vid(path, qformer_num_heads=2, vision_num_heads=HEADS_V)
+  assert model.vlm_att_bert_proj is not None and model.config.qformer.encoder_hidden_size == enc
+  np.testing.assert_array_equal(np.asarray(model.vlm_att_bert_proj.kernel[...]),
+                                mods["vlm_att_bert_proj"].weight.detach().numpy().T)
+  _visual_parity(model, dict(ckpt, qformer=qformer, mods=mods))
+  # Without the projection the widths cannot meet: named, not a shape error deep inside.
+  path = _write_dir(tmp_path / "noproj", {k: v for k, v in sd.items()
+                                           if "bert_proj" not in k}, ckpt["hf"])
+  with pytest.raises(CheckpointError, match="vlm_att_bert_proj is absent"):
+    load_llama_vid(path, qformer_num_heads=2, vision_num_heads=HEADS_V)
+
+
+@pytest.mark.parametrize("compress", ["mean", None])
+def test_cls_patch_variant_matches_upstream(ckpt, tmp_path, compress):
+  """mm_vision_select_feature='cls_patch': the CLS token stays in the context attention
+  and in the content tokens ('mean' over 257 tokens, or all 1 + P of them)."""
+  hf = dict(ckpt["hf"], mm_vision_select_feature="cls_patch", compress_type=compress)
+  model = load_llama_vid(_write_dir(tmp_path / "cls", ckpt["sd"], hf), qformer_num_heads=2,
+                         vision_num_heads=HEADS_V)
+  assert model.config.vision_select_feature == "cls_patch"
+  n_patch = (IMG // PATCH) ** 2
+  assert model.config.tokens_per_frame == 1 + (1 if compress == "mean" else 1 + n_patch)
+  _visual_parity(model, ckpt, select="cls_patch", compress=compress or "none")
+
+
+def test_grid_pooling_as_avg_pool2d_including_non_dividing_grids():
+  """content_tokens == mm_projector(avg_pool2d(kernel=stride=side//g)) on a 7x7 patch grid,
+  where no g divides: g=2 (kernel 3, 2x2 out, last row / column dropped), g=3 (kernel 2,
+  3x3), g=4 and 5 (kernel 1: 7x7 out, more than g*g, as upstream), g=7."""
+  from emo_jax.models.emo_llama import EmoLlama, EmoLlamaConfig
+  from emo_jax.models.vit import VisionConfig
+
+  base = EmoLlamaConfig.tiny(use_face=False, lora_rank=0, trainable=("qformer", "projectors"))
+  vis = VisionConfig(**{**base.vision.__dict__, "image_size": 28})  # 7x7 patches
+  rng = np.random.default_rng(0)
+  for g in (2, 3, 4, 5, 7):
+    cfg = base.replace(vision=vis, compress_type=f"grid:{g}")
+    model = EmoLlama(cfg, rngs=nnx.Rngs(0))
+    patches = rng.normal(size=(3, 49, CV)).astype(np.float32)
+    ours = np.asarray(model.content_tokens(patches))
+    p = model.mm_projector
+    proj = lambda x: F.linear(F.gelu(F.linear(x, torch.tensor(np.asarray(p.linear_1.kernel[...]).T),  # noqa: E731
+                                              torch.tensor(np.asarray(p.linear_1.bias[...])))),
+                              torch.tensor(np.asarray(p.linear_2.kernel[...]).T),
+                              torch.tensor(np.asarray(p.linear_2.bias[...])))
+    x = torch.tensor(patches).reshape(3, 7, 7, CV).permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(x, kernel_size=7 // g, stride=7 // g, padding=0)
+    ref = proj(pooled.permute(0, 2, 3, 1).flatten(1, 2)).detach().numpy()
+    assert ours.shape == ref.shape == (3, cfg.num_content_tokens, cfg.llm.hidden_size), g
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("compress_type", "grid:1", "compress_type 'grid:1'.*asserts"),
+    ("mm_vision_select_feature", "cls", "mm_vision_select_feature 'cls'"),
+    ("mm_vision_tower", "./model_zoo/OpenAI/clip-vit-large-patch14", "mm_vision_tower"),
+    ("mm_vision_select_feature", "cls_patch", "cls_patch"),  # with grid:2: upstream fails
+])
+def test_unsupported_variants_are_refused_naming_the_field(ckpt, tmp_path, field, value, match):
+  path = _write_dir(tmp_path / "v", ckpt["sd"], dict(ckpt["hf"], **{field: value}))
+  with pytest.raises(CheckpointError, match=match):
+    load_llama_vid(path, qformer_num_heads=2, vision_num_heads=HEADS_V)

@@ -64,8 +64,14 @@ def test_tokens_per_frame_and_config_roundtrip(cfg):
   assert cfg.replace(compress_type="none", use_face=False).tokens_per_frame == 1 + 16
   back = EmoLlamaConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
   assert back == cfg
-  with pytest.raises(ValueError, match="must divide"):
-    cfg.replace(compress_type="grid:3")
+  # LLaMA-VID's avg_pool2d(kernel=stride=side//g): 4 // (4 // 3) = 4 outputs per axis.
+  assert cfg.replace(compress_type="grid:3").num_content_tokens == 16
+  with pytest.raises(ValueError, match="patch grid"):
+    cfg.replace(compress_type="grid:5")
+  assert cfg.replace(compress_type="none", vision_select_feature="cls_patch"
+                     ).num_content_tokens == 17
+  with pytest.raises(ValueError, match="cls_patch"):
+    cfg.replace(vision_select_feature="cls_patch")  # with grid:2
   with pytest.raises(ValueError, match="compress_type"):
     cfg.replace(compress_type="max")
   with pytest.raises(ValueError, match="always frozen"):

@@ -80,8 +80,9 @@ def test_batch_matches_the_contract(toks, data):
   good, _ = data
   cfg = dataclasses.replace(CFG, shuffle=False, num_epochs=1, drop_remainder=False,
                             global_batch_size=12)
+  skips = SkipCounter()
   batch = next(pipeline.make_iterator(good, cfg, llama, bert, process_index=0,
-                                      process_count=1))
+                                      process_count=1, skips=skips))
   B, F, T = 12, 3, batch["input_ids"].shape[1]
   assert T in cfg.bucket_lengths
   want = {"frames": (np.uint8, (B, F, SIZE, SIZE, 3)), "frame_mask": (np.bool_, (B, F)),
@@ -122,7 +123,23 @@ def test_batch_matches_the_contract(toks, data):
     question = llama.decode(ids[:pos[0]]) + llama.decode(ids[pos[-1] + 1:length])
     options = question[question.index("{") + 1:question.index("}")].split(", ")
     assert options[batch["label"][b]] == good[b].label
-    assert bert.decode(batch["qformer_ids"][b]).startswith("what is the facial expression")
+    # The Q-Former text: the question without placeholder, cut from the left (LLaMA-VID) to
+    # qformer_max_length=24; the options at its end survive.
+    text = question[question.index("\n") + 1:question.rindex("ASSISTANT:")].strip()
+    full = bert.encode(text)
+    assert len(full) > 24
+    np.testing.assert_array_equal(batch["qformer_ids"][b], bert.pad(full[:1] + full[-23:], 24)[0])
+    assert bert.decode(batch["qformer_ids"][b]).endswith("} .")
+  # Each of the 12 instructions was longer than qformer_max_length: counted, not silent.
+  assert skips.truncations == {"qformer_text_truncated": 12} and skips.counts == {}
+  assert "qformer_text_truncated: 12" in skips.report()
+  # At the default length (64) the whole instruction fits: nothing cut, nothing counted.
+  skips = SkipCounter()
+  cfg = dataclasses.replace(cfg, qformer_max_length=pipeline.PipelineConfig().qformer_max_length)
+  batch = next(pipeline.make_iterator(good, cfg, llama, bert, process_index=0,
+                                      process_count=1, skips=skips))
+  assert skips.truncations == {} and batch["qformer_ids"].shape == (B, 64)
+  assert bert.decode(batch["qformer_ids"][0]).startswith("what is the facial expression")
 
 
 def test_shards_are_disjoint_and_epochs_reshuffled():

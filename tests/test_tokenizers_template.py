@@ -64,21 +64,59 @@ def test_llama_tokenizer_ids_and_pickle(llama_tok):
   assert clone.encode(text) == llama_tok.encode(text)
 
 
+def _llamavid_bert(vocab_file, fast):
+  """The Q-Former tokenizer as LLaMA-VID builds it (`init_bert`): bert uncased with
+  truncation_side='left' and '[DEC]' added as a special (bos) token."""
+  from transformers.models.bert import BertTokenizer, BertTokenizerLegacy
+
+  if fast:
+    vocab = {w: i for i, w in enumerate(open(vocab_file).read().splitlines())}
+    ref = BertTokenizer(vocab=vocab, do_lower_case=True, truncation_side="left")
+  else:
+    ref = BertTokenizerLegacy(vocab_file=vocab_file, do_lower_case=True,
+                              truncation_side="left")
+  ref.add_special_tokens({"bos_token": "[DEC]"})
+  return ref
+
+
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("text", [
     "What is the facial expression of the person in the image?",
     "Choose one from the following options: {Happy, SADNESS, surprised, fearful}.",
-    "Café unknown  words, Ünknown!", ""])
-def test_bert_wordpiece_matches_transformers(bert_vocab, text):
-  from transformers.models.bert import BertTokenizerLegacy
-
-  ref = BertTokenizerLegacy(vocab_file=bert_vocab, do_lower_case=True)
+    "Café unknown  words, Ünknown!", "", "a [DEC] face [MASK] cafe"])
+def test_bert_wordpiece_matches_transformers_left_truncation(bert_vocab, text, fast):
+  ref = _llamavid_bert(bert_vocab, fast)
   ours = tokenizers.BertTokenizer(bert_vocab)
   assert ours.encode(text) == ref(text)["input_ids"]
-  ids, mask = ours.encode_padded(text, 8)
-  want = ref(text, max_length=8, truncation=True, padding="max_length")
-  np.testing.assert_array_equal(ids, want["input_ids"])
-  np.testing.assert_array_equal(mask, want["attention_mask"])
+  assert ours.dec_id == ref.convert_tokens_to_ids("[DEC]") == len(BERT_VOCAB)
+  for length in (3, 8, 64):
+    ids, mask = ours.encode_padded(text, length)
+    # LLaMA-VID's call: padding='longest', truncation=True, max_length (256 upstream).
+    want = ref([text], padding="longest", truncation=True, max_length=length)
+    n = len(want["input_ids"][0])
+    np.testing.assert_array_equal(ids[:n], want["input_ids"][0])
+    np.testing.assert_array_equal(mask[:n], want["attention_mask"][0])
+    assert (mask[n:] == 0).all() and (ids[n:] == ours.pad_id).all()
+  assert ours.truncate([2, 5, 6, 7, 3], 4, "right") == [2, 5, 6, 3]
   assert pickle.loads(pickle.dumps(ours)).encode(text) == ours.encode(text)
+
+
+def test_qformer_text_is_the_llamavid_guided_prompt(bert_vocab):
+  """train.py: `value.replace('<image>', '').replace('\\n', '')`, then the tokenizer call of
+  vlm_attention; a long category instruction keeps its options (left truncation)."""
+  ref = _llamavid_bert(bert_vocab, fast=False)
+  ours = tokenizers.BertTokenizer(bert_vocab)
+  value = ("<image>\nWhat is the facial expression of the person in the image?\nChoose one "
+           "from the following options: {happy, sad, surprise, fear}.")
+  text = template.qformer_text(value)
+  assert text == value.replace("<image>", "").replace("\n", "")
+  assert "imageChoose" not in text and "image?Choose" in text  # newline removed, not a space
+  for length in (6, 12):
+    ids, mask = ours.encode_padded(text, length)
+    want = ref([text], truncation=True, max_length=length)["input_ids"][0]
+    np.testing.assert_array_equal(ids[:mask.sum()], want)
+    assert ours.decode(ids).endswith("fear } .")  # the end survives, the start goes
+    assert ids[mask.sum() - 1] == ours.sep_id and ids[0] == ours.cls_id
 
 
 def _reference_ids_and_mask(tok, prompt, answers, num_slots):

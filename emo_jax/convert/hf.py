@@ -4,6 +4,7 @@
     model = hf.load_llama(path, dtype=jnp.float32)
     hf.save_llama(model, out_dir); hf.save_peft_adapter(model, adapter_dir)
     vit = hf.load_clip_vision(path); qformer = hf.load_instructblip_qformer(path)
+    hf.save_llama_vid(emo_model, out_dir); emo_model = hf.load_llama_vid(out_dir)
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ _EXPORTS = {
     "load_instructblip_qformer": "emo_jax.convert.vision_hf",
     "load_eva_vit": "emo_jax.convert.eva",
     "load_llama_vid": "emo_jax.convert.llama_vid",
+    "save_llama_vid": "emo_jax.convert.llama_vid_export",
     "save_bundle": "emo_jax.convert.bundle",
     "load_bundle": "emo_jax.convert.bundle",
 }

@@ -43,9 +43,10 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Keys in LLaMA-family checkpoints that are not LLM weights we hold (buffers, vision towers,
-# projectors of multimodal checkpoints). Anything else unused is an error.
+# projectors of multimodal checkpoints, the face modules of an emo_jax LLaMA-VID export).
+# Anything else unused is an error.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$|^model\.(mm_projector|vision_tower|vlm_att)"
-                      r"|^model\.(vlm_|mm_)")
+                      r"|^model\.(vlm_|mm_)|^emo_jax\.")
 
 
 def _path_str(path) -> str:

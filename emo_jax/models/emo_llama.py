@@ -7,7 +7,8 @@ context token; the patch tokens give content tokens (`mean` | `grid:g` | `none`)
 frame's tokens are `[context, content..., face...]` and fill, in order, the
 `F * tokens_per_frame` IMAGE_TOKEN_ID slots the pipeline put in place of `<image>`; slots of
 padding frames get a zero embedding and attention mask 0. Frames are folded into the batch
-([B*F, ...]) for the ViT, Q-Former and face modules.
+([B*F, ...]) for the ViT, Q-Former and face modules. Multi-turn batches carry one Q-Former
+text per user turn (`qformer_ids` [B, N, Tq]) and get one visual block per turn.
 
 The formulas, and which parts are LLaMA-VID facts and which our choices: docs/MODEL.md. The
 batch: docs/INTERFACES.md "The batch". Pixels arrive as uint8 in their encoder's geometry and
@@ -39,13 +40,15 @@ from emo_jax.sharding import constrain
 from input_pipeline.contract import AGR_TEMPLATE, IMAGE_TOKEN_ID
 
 FACE_PRIORS = ("tiny", "facexformer", "precomputed")
+SELECT_FEATURES = ("patch", "cls_patch")
 
 # Parameter groups (regex over '/'-joined parameter paths). 'lora' is the LoRA parameters
 # (nnx.LoRAParam) inside the LLM, 'llm' the LLM's base weights.
 PARAM_GROUPS: dict[str, str] = {
   "vision": r"^vision_tower/",
   "qformer": r"^(vlm_att_encoder/|vlm_att_query$|vlm_att_ln/)",
-  "projectors": r"^(vlm_att_projector|vlm_att_key_projector|vlm_att_val_projector|mm_projector)/",
+  "projectors": (r"^(vlm_att_projector|vlm_att_key_projector|vlm_att_val_projector|"
+                 r"vlm_att_bert_proj|mm_projector)/"),
   "face": r"^face_mining/",
   "face_prior": r"^face_prior/",
   "llm": r"^language_model/",
@@ -103,6 +106,7 @@ class EmoLlamaConfig:
   vision: VisionConfig
   qformer: QFormerConfig
   compress_type: str = "mean"
+  vision_select_feature: str = "patch"  # LLaMA-VID mm_vision_select_feature
   use_face: bool = True
   face_prior: str = "tiny"
   tiny_face_prior: TinyFacePriorConfig = TinyFacePriorConfig()
@@ -118,6 +122,9 @@ class EmoLlamaConfig:
   loss_chunk: int = DEFAULT_CHUNK  # positions per chunk of the LM-head cross entropy (`loss`)
 
   def __post_init__(self):
+    if self.vision_select_feature not in SELECT_FEATURES:
+      raise ValueError(f"vision_select_feature must be one of {SELECT_FEATURES}, got "
+                       f"{self.vision_select_feature!r}")
     if self.face_prior not in FACE_PRIORS:
       raise ValueError(f"face_prior must be one of {FACE_PRIORS}, got {self.face_prior!r}")
     bad = set(self.trainable) - set(PARAM_GROUPS)
@@ -141,19 +148,32 @@ class EmoLlamaConfig:
     return self.vision.image_size // self.vision.patch_size
 
   @property
+  def pooled_grid(self) -> tuple[int, int]:
+    """(kernel = stride, output side) of 'grid:g' pooling: LLaMA-VID's avg_pool2d with
+    kernel = stride = side // g and no padding, so side // kernel outputs per axis."""
+    g = int(self.compress_type.split(":")[1])
+    side = self.grid_size
+    if g < 1 or g > side:
+      raise ValueError(f"compress_type grid:{g} needs 1 <= g <= the {side}x{side} patch grid")
+    k = side // g
+    return k, side // k
+
+  @property
   def num_content_tokens(self) -> int:
     c = self.compress_type
+    cls = 1 if self.vision_select_feature == "cls_patch" else 0
     if c == "mean":
       return 1
     if c == "none":
-      return self.grid_size ** 2
+      return self.grid_size ** 2 + cls
     m = re.fullmatch(r"grid:(\d+)", c)
     if not m:
       raise ValueError(f"compress_type must be 'mean', 'none' or 'grid:g', got {c!r}")
-    g = int(m.group(1))
-    if g < 1 or self.grid_size % g:
-      raise ValueError(f"grid size {g} must divide the patch grid {self.grid_size}")
-    return g * g
+    if cls:
+      raise ValueError(f"compress_type {c!r} with vision_select_feature='cls_patch': "
+                       "LLaMA-VID reshapes the 1 + side^2 tokens to a square grid, which "
+                       "fails; use 'mean' or 'none', or select 'patch'")
+    return self.pooled_grid[1] ** 2
 
   @property
   def num_face_tokens(self) -> int:
@@ -360,7 +380,13 @@ class EmoLlama(Module):
         0.02 * jax.random.normal(rngs.params(), (1, config.qformer.num_query_tokens, qd),
                                  config.qformer.param_dtype),
         out_sharding=(None, None, "qformer_embed"))
-    self.vlm_att_ln = nnx.LayerNorm(cv, epsilon=config.vlm_att_ln_eps, rngs=rngs,
+    enc = config.qformer.encoder_hidden_size
+    # LLaMA-VID: a ViT whose width is not the Q-Former's cross-attention width (EVA-G 1408)
+    # is mapped by vlm_att_bert_proj before vlm_att_ln.
+    self.vlm_att_bert_proj = nnx.Linear(
+        cv, enc, rngs=rngs, kernel_metadata={"out_sharding": ("vit_embed", None)}
+    ) if enc != cv else None
+    self.vlm_att_ln = nnx.LayerNorm(enc, epsilon=config.vlm_att_ln_eps, rngs=rngs,
                                     scale_metadata={"out_sharding": ("norm",)},
                                     bias_metadata={"out_sharding": ("norm",)})
     self.vlm_att_projector = nnx.Linear(
@@ -386,6 +412,8 @@ class EmoLlama(Module):
     n = feats.shape[0]
     query = jnp.broadcast_to(self.vlm_att_query[...], (n,) + self.vlm_att_query.shape[1:])
     mask = jnp.concatenate([jnp.ones((n, query.shape[1]), qformer_mask.dtype), qformer_mask], 1)
+    if self.vlm_att_bert_proj is not None:
+      feats = self.vlm_att_bert_proj(feats)
     return self.vlm_att_encoder(query, qformer_ids, mask, self.vlm_att_ln(feats))
 
   def context_token(self, text_q: jax.Array, patches: jax.Array) -> jax.Array:
@@ -408,11 +436,9 @@ class EmoLlama(Module):
       side = int(round(p ** 0.5))
       if side * side != p:
         raise ValueError(f"{p} patches do not form a square grid")
-      g = int(cfg.compress_type.split(":")[1])
-      if side % g:
-        raise ValueError(f"grid:{g} does not divide the {side}x{side} patch grid")
-      k = side // g
-      pooled = patches.reshape(n, g, k, g, k, c).mean(axis=(2, 4)).reshape(n, g * g, c)
+      k, g = cfg.pooled_grid  # avg_pool2d(kernel=stride=k): the last side % k rows/cols drop
+      grid = patches.reshape(n, side, side, c)[:, :g * k, :g * k]
+      pooled = grid.reshape(n, g, k, g, k, c).mean(axis=(2, 4)).reshape(n, g * g, c)
     return self.mm_projector(pooled)
 
   def vision_inputs(self, frames) -> jax.Array:
@@ -442,41 +468,63 @@ class EmoLlama(Module):
     return jax.lax.stop_gradient(g), jax.lax.stop_gradient(loc)
 
   def encode_frames(self, batch: Mapping[str, Any]) -> jax.Array:
-    """Visual tokens [B, F * tokens_per_frame, D] in slot order (padding frames included)."""
+    """Visual tokens [B, N * F * tokens_per_frame, D] in slot order (padding frames included;
+    N = 1 for `qformer_ids` [B, Tq], else its turn axis)."""
     cfg = self.config
     frames = self.vision_inputs(batch["frames"])
     b, f = frames.shape[:2]
     feats = self.vision_tower(frames.reshape((b * f,) + frames.shape[2:]))
     if "vision" not in cfg.trainable:
       feats = jax.lax.stop_gradient(feats)
-    qids = jnp.repeat(jnp.asarray(batch["qformer_ids"]), f, axis=0)
-    qmask = jnp.repeat(jnp.asarray(batch["qformer_mask"]), f, axis=0)
-    q_out = self.qformer_queries(feats, qids, qmask)
+    qids = jnp.asarray(batch["qformer_ids"])
+    qmask = jnp.asarray(batch["qformer_mask"])
+    turns = 1 if qids.ndim == 2 else qids.shape[1]
+    qids = qids.reshape(b, turns, -1)
+    qmask = qmask.reshape(b, turns, -1)
+    # Rows in (sample, turn, frame) order; the ViT features are shared by a sample's turns.
+
+    def per_turn(x):  # [b*f, ...] -> [b*turns*f, ...] (a sample's frames for each turn)
+      if turns == 1:
+        return x
+      x = x.reshape((b, 1, f) + x.shape[1:])
+      return jnp.broadcast_to(x, (b, turns, f) + x.shape[3:]).reshape((-1,) + x.shape[3:])
+
+    feats_t = per_turn(feats)
+    qids = jnp.repeat(qids, f, axis=1).reshape(b * turns * f, -1)
+    qmask = jnp.repeat(qmask, f, axis=1).reshape(b * turns * f, -1)
+    q_out = self.qformer_queries(feats_t, qids, qmask)
     text_q = self.vlm_att_projector(q_out)
-    patches = feats[:, 1:]
-    parts = [self.context_token(text_q, patches), self.content_tokens(patches)]
+    keep_cls = cfg.vision_select_feature == "cls_patch"
+    patches = feats if keep_cls else feats[:, 1:]
+    patches_t = feats_t if keep_cls else feats_t[:, 1:]
+    context = self.context_token(text_q, patches_t)  # [b*turns*f, 1, D]
+    content = self.content_tokens(patches)  # [b*f, n, D], the same for every turn
+    parts = [context, per_turn(content)]
     if cfg.use_face:
       g, loc = self.face_priors(batch)
       if g.shape[0] != b * f:
         raise ValueError(f"face priors for {g.shape[0]} frames, expected {b * f}")
-      parts.append(self.face_mining(g, loc, q_out if cfg.face.query_mode == "qformer" else None))
+      if cfg.face.query_mode == "qformer":
+        parts.append(self.face_mining(per_turn(g), per_turn(loc), q_out))
+      else:
+        parts.append(per_turn(self.face_mining(g, loc, None)))
     dtype = cfg.llm.dtype
     tokens = jnp.concatenate([p.astype(dtype) for p in parts], axis=1)
-    tokens = tokens.reshape(b, f * cfg.tokens_per_frame, -1)
+    tokens = tokens.reshape(b, turns * f * cfg.tokens_per_frame, -1)
     return constrain(tokens, ("batch", "length", "embed"))
 
   # -- LLM inputs ----------------------------------------------------------------------------
 
-  def _check_slots(self, input_ids, num_frames: int) -> None:
+  def _check_slots(self, input_ids, num_frames: int, turns: int = 1) -> None:
     if isinstance(input_ids, jax.core.Tracer):
       return
     counts = (np.asarray(input_ids) == self.config.image_token_id).sum(axis=1)
     want = num_frames * self.config.tokens_per_frame
-    bad = [i for i, c in enumerate(counts) if c not in (0, want)]
+    bad = [i for i, c in enumerate(counts) if c % want or c > turns * want]
     if bad:
       raise ValueError(f"samples {bad} have {counts[bad].tolist()} image slots; expected "
                        f"{want} (= {num_frames} frames x {self.config.tokens_per_frame} tokens) "
-                       "or 0")
+                       f"per visual block, at most {turns} blocks, or 0")
 
   def embed_multimodal(self, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
     """(inputs_embeds [B, T, D], attention_mask [B, T]) with visual tokens in their slots."""
@@ -484,7 +532,8 @@ class EmoLlama(Module):
     input_ids = batch["input_ids"]
     frame_mask = jnp.asarray(batch["frame_mask"]).astype(bool)
     num_frames = frame_mask.shape[1]
-    self._check_slots(input_ids, num_frames)
+    qids = batch["qformer_ids"]
+    self._check_slots(input_ids, num_frames, 1 if len(qids.shape) == 2 else qids.shape[1])
     input_ids = jnp.asarray(input_ids)
     attention_mask = jnp.asarray(batch["attention_mask"])
     visual = self.encode_frames(batch)
@@ -492,7 +541,8 @@ class EmoLlama(Module):
     text = self.language_model.model.embed_tokens(jnp.where(is_img, 0, input_ids))
     slot = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, visual.shape[1] - 1)
     gathered = jnp.take_along_axis(visual, slot[..., None], axis=1).astype(text.dtype)
-    real = jnp.take_along_axis(frame_mask, slot // cfg.tokens_per_frame, axis=1) & is_img
+    frame = (slot // cfg.tokens_per_frame) % num_frames  # visual block n holds frames 0..F-1
+    real = jnp.take_along_axis(frame_mask, frame, axis=1) & is_img
     embeds = jnp.where(is_img[..., None], jnp.where(real[..., None], gathered, 0), text)
     mask = attention_mask * jnp.where(is_img & ~real, 0, 1).astype(attention_mask.dtype)
     return constrain(embeds, ("batch", "length", "embed")), mask

@@ -162,6 +162,9 @@ def program_from_config(config, *, total_steps: int = 1000) -> Program:
     raise ValueError("memory_plan: precomputed face priors have config-dependent shapes; "
                      "plan with face_prior='tiny' or 'facexformer'")
   f, t = pcfg.num_frames, max(pcfg.bucket_lengths)
+  # Multi-turn batches carry one Q-Former text per turn (docs/INTERFACES.md "The batch").
+  q_shape = ((pcfg.qformer_max_length,) if pcfg.image_turns == 1
+             else (pcfg.image_turns, pcfg.qformer_max_length))
 
   def batch_spec(b: int) -> dict:
     sds = jax.ShapeDtypeStruct
@@ -169,8 +172,8 @@ def program_from_config(config, *, total_steps: int = 1000) -> Program:
       # uint8 pixels, normalised inside the model (docs/INTERFACES.md "The batch").
       "frames": sds((b, f, pcfg.image_size, pcfg.image_size, 3), jnp.uint8),
       "frame_mask": sds((b, f), jnp.bool_),
-      "qformer_ids": sds((b, pcfg.qformer_max_length), jnp.int32),
-      "qformer_mask": sds((b, pcfg.qformer_max_length), jnp.int32),
+      "qformer_ids": sds((b,) + q_shape, jnp.int32),
+      "qformer_mask": sds((b,) + q_shape, jnp.int32),
       "input_ids": sds((b, t), jnp.int32),
       "attention_mask": sds((b, t), jnp.int32),
       "loss_mask": sds((b, t), jnp.int32),

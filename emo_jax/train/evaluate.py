@@ -75,6 +75,8 @@ def build_examples(builder: pipeline_lib.ExampleBuilder, records: Sequence[Recor
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8))
   out = []
   for ex in it:
+    for reason, path, detail in ex.get(pipeline_lib.NOTES_KEY, ()):
+      skips.truncation(reason, path, detail)
     if pipeline_lib.SKIP_KEY in ex:
       reason, path, detail = ex[pipeline_lib.SKIP_KEY]
       skips.skip(reason, path, detail)
@@ -268,6 +270,9 @@ def _markdown(report: dict) -> str:
         lines.append("")
   if report.get("skipped"):
     lines += ["## skipped inputs", "", "```", json.dumps(report["skipped"], indent=1), "```"]
+  if report.get("truncated"):
+    lines += ["## inputs used truncated", "", "```", json.dumps(report["truncated"], indent=1),
+              "```"]
   return "\n".join(lines) + "\n"
 
 
@@ -341,6 +346,8 @@ def evaluate(config, workdir: str, *, model: nnx.Module | None = None,
       per_mode[name] = r
     report["modes"][mode] = per_mode
   report["skipped"] = skips.counts
+  if skips.truncations:
+    report["truncated"] = skips.truncations
   if jax.process_index() == 0:
     with open(os.path.join(out_dir, "report.json"), "w") as f:
       json.dump(report, f, indent=1, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))

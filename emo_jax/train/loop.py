@@ -297,11 +297,11 @@ def train(config, workdir: str) -> dict:
     checkpointer.close()
     writer.flush()
     preempt.uninstall()
-  if skips.total:
+  if skips.total or skips.truncations:
     logging.warning(skips.report())
   return {"step": step, "num_steps": num_steps, "preempted": stopped,
-          "trained_steps": step - start, "skipped": skips.counts, "state": state,
-          "built": built}
+          "trained_steps": step - start, "skipped": skips.counts,
+          "truncated": skips.truncations, "state": state, "built": built}
 
 
 def _check_finite(metrics: list[dict]) -> None:
