@@ -62,11 +62,12 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
   """The main job, callable from Python (tests) as well as from the command line."""
   import jax
   from emo_jax.train import evaluate, export, loop, predict
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  from input_pipeline import paths
+  workdir = paths.resolve(workdir)   # local: absolute; gs://...: unchanged
+  paths.makedirs(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
+  default_export = paths.join(workdir, "export")
   if mode == "train":
     out = loop.train(config, workdir)
     summary = {"step": out["step"], "num_steps": out["num_steps"],
@@ -83,7 +84,7 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
       summary["eval"] = evaluate.evaluate(config, workdir, model=model, step=out["step"])
     if config.export.at_end:
       summary["export"] = export.export(config, workdir, model=model,
-                                        out_dir=export_dir or os.path.join(workdir, "export"))
+                                        out_dir=export_dir or default_export)
     return summary
   if mode == "eval":
     return {"eval": evaluate.evaluate(config, workdir)}
@@ -93,7 +94,7 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
     return predict.predict(config, workdir, input_path, question=question)
   if mode == "export":
     return {"export": export.export(config, workdir,
-                                    out_dir=export_dir or os.path.join(workdir, "export"))}
+                                    out_dir=export_dir or default_export)}
   raise ValueError(f"unknown mode {mode!r}")
 
 

@@ -39,6 +39,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from input_pipeline import paths
+
 PRIOR_FIELDS = ("face_global", "face_local", "landmarks", "age_logits", "gender_logits",
                 "race_logits")
 _PRIOR_ATTRS = ("global_feats", "local_feats", "landmarks", "age_logits", "gender_logits",
@@ -124,8 +126,14 @@ def precompute_priors(runner: PriorRunner, items: Iterable[tuple[str, np.ndarray
   """Write the priors of every (record_id, crops [F, S, S, 3]) to ArrayRecord shards.
 
   Samples are distributed round-robin over `num_shards`; returns the index written to
-  `out_dir/index.json`. A duplicate id or a sample without crops raises.
+  `out_dir/index.json`. A duplicate id or a sample without crops raises. A cloud `out_dir`
+  (gs://...) is written locally, then uploaded.
   """
+  with paths.staged_dir(out_dir) as local:
+    return _write_priors(runner, items, local, num_shards)
+
+
+def _write_priors(runner, items, out_dir: str, num_shards: int) -> dict[str, Any]:
   from array_record.python.array_record_module import ArrayRecordWriter
   os.makedirs(out_dir, exist_ok=True)
   names = [f"priors-{i:05d}-of-{num_shards:05d}{SUFFIX}" for i in range(num_shards)]
@@ -166,12 +174,14 @@ class PriorStore:
 
   `store[record_id]` -> {'face_global' [F, G, Cf], 'face_local' [F, L, Cf], 'landmarks'
   [F, 68, 2], 'age_logits', 'gender_logits', 'race_logits', 'agr_labels': {'age', 'gender',
-  'race'} label names}. A missing id raises KeyError naming it.
+  'race'} label names}. A missing id raises KeyError naming it. A cloud `out_dir` is copied
+  to a local cache once (ArrayRecord reads local files).
   """
 
   def __init__(self, out_dir: str):
     self.out_dir = out_dir
-    with open(os.path.join(out_dir, INDEX_NAME)) as fh:
+    self._local = paths.local_dir(out_dir)
+    with open(os.path.join(self._local, INDEX_NAME)) as fh:
       meta = json.load(fh)
     self._shards = meta["shards"]
     self._index = {k: tuple(v) for k, v in meta["ids"].items()}
@@ -189,7 +199,7 @@ class PriorStore:
   def _reader(self, shard: int):
     if shard not in self._readers:
       from array_record.python.array_record_module import ArrayRecordReader
-      self._readers[shard] = ArrayRecordReader(os.path.join(self.out_dir, self._shards[shard]))
+      self._readers[shard] = ArrayRecordReader(os.path.join(self._local, self._shards[shard]))
     return self._readers[shard]
 
   def __getitem__(self, record_id: str) -> dict[str, Any]:

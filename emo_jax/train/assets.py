@@ -10,6 +10,7 @@ sorted inputs), so a restarted run gets the same ids.
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
@@ -67,28 +68,37 @@ def ensure_default_data(data_root: str, *, num_images: int, num_clips: int, seed
                         image_size: int = 112) -> dict:
   """Generates the synthetic dataset and its tokenizers under `data_root` if missing.
   Returns {'tokenizer': path, 'qformer_vocab': path}."""
-  from input_pipeline import synthetic
   marker = os.path.join(data_root, "GENERATED.json")
   if not os.path.exists(marker):
-    logging.info("generating synthetic data in %s", data_root)
-    os.makedirs(data_root, exist_ok=True)
-    summary = synthetic.generate(data_root, num_images=num_images, num_clips=num_clips,
-                                 seed=seed, image_size=image_size, clip_size=image_size)
-    tok = train_llama_tokenizer(data_root, os.path.join(data_root, "tokenizer.model"))
-    write_bert_vocab(data_root, os.path.join(data_root, "vocab.txt"))
-    summary.update(num_images=num_images, num_clips=num_clips, seed=seed)
-    with open(marker, "w") as f:   # written last: a half-generated folder is regenerated
-      json.dump(summary, f, indent=1)
-    del tok
-  else:
-    with open(marker) as f:
-      have = json.load(f)
-    if (have.get("num_images"), have.get("num_clips"), have.get("seed")) != (
-        num_images, num_clips, seed):
-      raise ValueError(
-          f"{data_root} holds synthetic data made with num_images={have.get('num_images')}, "
-          f"num_clips={have.get('num_clips')}, seed={have.get('seed')}, but the config asks "
-          f"for {num_images}, {num_clips}, {seed}: delete the folder or point "
-          "config.data.root elsewhere")
+    # Processes sharing a disk (several hosts' caches on one machine) generate one at a time.
+    os.makedirs(os.path.dirname(os.path.abspath(data_root)), exist_ok=True)
+    with open(os.path.abspath(data_root) + ".lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not os.path.exists(marker):
+        _generate(data_root, marker, num_images=num_images, num_clips=num_clips, seed=seed,
+                  image_size=image_size)
+  with open(marker) as f:
+    have = json.load(f)
+  if (have.get("num_images"), have.get("num_clips"), have.get("seed")) != (
+      num_images, num_clips, seed):
+    raise ValueError(
+        f"{data_root} holds synthetic data made with num_images={have.get('num_images')}, "
+        f"num_clips={have.get('num_clips')}, seed={have.get('seed')}, but the config asks "
+        f"for {num_images}, {num_clips}, {seed}: delete the folder or point "
+        "config.data.root elsewhere")
   return {"tokenizer": os.path.join(data_root, "tokenizer.model"),
           "qformer_vocab": os.path.join(data_root, "vocab.txt")}
+
+
+def _generate(data_root: str, marker: str, *, num_images: int, num_clips: int, seed: int,
+              image_size: int) -> None:
+  from input_pipeline import synthetic
+  logging.info("generating synthetic data in %s", data_root)
+  os.makedirs(data_root, exist_ok=True)
+  summary = synthetic.generate(data_root, num_images=num_images, num_clips=num_clips,
+                               seed=seed, image_size=image_size, clip_size=image_size)
+  train_llama_tokenizer(data_root, os.path.join(data_root, "tokenizer.model"))
+  write_bert_vocab(data_root, os.path.join(data_root, "vocab.txt"))
+  summary.update(num_images=num_images, num_clips=num_clips, seed=seed)
+  with open(marker, "w") as f:   # written last: a half-generated folder is regenerated
+    json.dump(summary, f, indent=1)

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from emo_jax.train.optimizer import path_str
+from input_pipeline import paths
 
 
 class CheckpointableIterator:
@@ -117,8 +118,7 @@ class Checkpointer:
   def _committed(self, step: int) -> bool:
     """orbax writes `commit_success.txt` into a step before it becomes visible; a step
     directory without it was copied or written partially (e.g. an interrupted sync)."""
-    import os
-    return os.path.exists(os.path.join(self.directory, str(step), "commit_success.txt"))
+    return paths.exists(paths.join(self.directory, str(step), "commit_success.txt"))
 
   def latest_step(self) -> int | None:
     """The newest *committed* step. Uncommitted step directories newer than it are

@@ -21,6 +21,7 @@ PredictError, which the command prints as `error: ...` and exits with status 2.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
@@ -33,6 +34,7 @@ from emo_jax.train import task as task_lib
 from input_pipeline import instructions as instructions_lib
 from input_pipeline import labels as labels_lib
 from input_pipeline import media as media_lib
+from input_pipeline import paths
 from input_pipeline import pipeline as pipeline_lib
 from input_pipeline.records import BadInputError, Record, SkipCounter
 
@@ -158,14 +160,29 @@ def _timeline_png(timeline: list[dict], classes, path: str) -> str:
   ax.set_title("emotion per window")
   ax.legend(fontsize=7, ncol=4, loc="upper right")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
   plt.close(fig)
+  paths.write_bytes(path, buf.getvalue())
   return path
 
 
 def predict(config, workdir: str, input_path: str, *, question: str | None = None,
             model=None) -> dict:
-  """Runs the model of `workdir` on one file; prints and returns the result."""
+  """Runs the model of `workdir` on one file; prints and returns the result. The input
+  and the workdir may be cloud URLs (a remote input is read from a temporary local copy)."""
+  if paths.is_remote(input_path) and not paths.isfile(input_path):
+    raise PredictError(f"{input_path}: no such file")
+  with paths.local_copy(input_path) as media_path:
+    try:
+      return _predict(config, workdir, media_path, question=question, model=model,
+                      shown_path=input_path)
+    except PredictError as e:   # name the user's path, not the temporary copy
+      raise PredictError(str(e).replace(media_path, input_path)) from None
+
+
+def _predict(config, workdir: str, input_path: str, *, question: str | None, model,
+             shown_path: str) -> dict:
   kind = _kind(input_path)   # input errors before the (slow) model restore
   pcfg_user = config.predict
   model_cfg = task_lib.model_config(config)
@@ -234,20 +251,19 @@ def predict(config, workdir: str, input_path: str, *, question: str | None = Non
   # Overall emotion: mean of the window probabilities.
   mean_p = np.mean([[w["probs"][c] for c in classes] for w in timeline], axis=0)
   k = int(np.argmax(mean_p))
-  result: dict[str, Any] = {"input": input_path, "kind": kind, "question": user_q[len("<image>\n"):],
+  result: dict[str, Any] = {"input": shown_path, "kind": kind, "question": user_q[len("<image>\n"):],
                             "answer": answer, "emotion": classes[k],
                             "probability": float(mean_p[k]),
                             "probs": {c: float(v) for c, v in zip(classes, mean_p)}}
   print(f"answer: {answer}")
   print(f"emotion: {classes[k]} (probability {mean_p[k]:.3f})")
   if len(timeline) > 1:
-    out_dir = os.path.join(workdir, "predict")
-    os.makedirs(out_dir, exist_ok=True)
-    jpath = os.path.join(out_dir, f"{name}_timeline.json")
-    with open(jpath, "w") as f:
-      json.dump({"input": input_path, "window_secs": pcfg_user.window_secs,
-                 "timeline": timeline}, f, indent=1)
-    ppath = _timeline_png(timeline, classes, os.path.join(out_dir, f"{name}_timeline.png"))
+    out_dir = paths.join(workdir, "predict")
+    paths.makedirs(out_dir)
+    jpath = paths.join(out_dir, f"{name}_timeline.json")
+    paths.write_text(jpath, json.dumps({"input": shown_path, "window_secs": pcfg_user.window_secs,
+                                        "timeline": timeline}, indent=1))
+    ppath = _timeline_png(timeline, classes, paths.join(out_dir, f"{name}_timeline.png"))
     result.update(timeline=timeline, timeline_json=jpath, timeline_png=ppath)
     print(f"timeline: {len(timeline)} windows -> {jpath}, {ppath}")
   logging.info("predict: %s", result)
