@@ -67,17 +67,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       allow_pickle=False))
 
   d = c.data = ml_collections.ConfigDict()
-  d.root = "/data"
+  d.root = "/data"                # dataset roots below are relative to it (the launcher's
+                                 # data step copies gs://.../ here and passes it)
   d.tokenizer = ""               # Vicuna tokenizer.model (required)
   d.qformer_vocab = ""           # bert-base-uncased vocab.txt (required)
   d.strict = False
   d.synthetic = dict(generate=False, num_images=0, num_clips=0, seed=0, image_size=112)
-  d.train = [dict(name="rafdb", root="/data/RAF-DB/basic", split="train"),
-             dict(name="ferid", root="/data/FERID/ferid_train.json", split="train",
-                  media_root="/data")]
-  d.eval = [dict(name="rafdb", root="/data/RAF-DB/basic", split="test"),
-            dict(name="affectnet", root="/data/AffectNet", split="val"),
-            dict(name="ferplus", root="/data/FERPlus", split="test")]
+  d.train = [dict(name="rafdb", root="RAF-DB/basic", split="train"),
+             dict(name="ferid", root="FERID/ferid_train.json", split="train", media_root=".")]
+  d.eval = [dict(name="rafdb", root="RAF-DB/basic", split="test"),
+            dict(name="affectnet", root="AffectNet", split="val"),
+            dict(name="ferplus", root="FERPlus", split="test")]
   d.pipeline = dict(global_batch_size=128, num_frames=4, max_length=2048,
                     bucket_lengths=(512, 1024, 2048), qformer_max_length=64, aspect="pad",
                     face_mode="detect_or_full", worker_count=8, read_threads=4,
@@ -137,6 +137,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   x.dtype = "bfloat16"
 
   if "video" in opts:
-    d.train.append(dict(name="dfew", root="/data/DFEW", split="train", fold=1))
-    d.eval.append(dict(name="dfew", root="/data/DFEW", split="test", folds=[1, 2, 3, 4, 5]))
+    d.train.append(dict(name="dfew", root="DFEW", split="train", fold=1))
+    d.eval.append(dict(name="dfew", root="DFEW", split="test", folds=[1, 2, 3, 4, 5]))
   return c

@@ -197,7 +197,11 @@ def load_split(spec: Mapping[str, Any], root: str, skips: SkipCounter, split: st
   """Records of one dataset entry of config.data.train / config.data.eval."""
   spec = dict(_plain(spec))
   name = spec.pop("name")
-  ds_root = spec.pop("root", "") or root
+  # A dataset's own root (and FERID's media_root) may be relative to the data root.
+  own = spec.pop("root", "")
+  ds_root = os.path.join(root, own) if own else root
+  if spec.get("media_root"):
+    spec["media_root"] = os.path.normpath(os.path.join(root, spec["media_root"]))
   spec.pop("folds", None)
   spec.pop("split", None)
   spec.pop("label", None)
