@@ -10,7 +10,9 @@
 
 Multi-host (Cloud TPU pods, several GPU hosts): `jax.distributed.initialize()` runs when
 --coordinator_address is given or the environment names a coordinator
-(JAX_COORDINATOR_ADDRESS, a TPU pod with several workers, SLURM, ...).
+(JAX_COORDINATOR_ADDRESS, a TPU pod with several workers, SLURM, ...). Hosts started by
+hand may describe themselves with JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES +
+JAX_PROCESS_ID (flags win over them).
 """
 from __future__ import annotations
 
@@ -51,8 +53,13 @@ def _multihost_from_env() -> bool:
 
 def _maybe_initialize_distributed() -> None:
   import jax
+  env = os.environ
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES") and \
+      env.get("JAX_PROCESS_ID"):
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                               int(env["JAX_PROCESS_ID"]))
   elif _multihost_from_env():
     jax.distributed.initialize()   # reads the coordinator from the environment
 

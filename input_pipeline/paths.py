@@ -103,17 +103,28 @@ def upload_tree(local_dir: str, dst_dir: str) -> list[str]:
   return out
 
 
+def list_files(directory: str) -> list[str]:
+  """Every file under `directory` (recursively), as '/'-separated relative paths."""
+  out = []
+
+  def visit(d: epath.Path, prefix: str):
+    for child in sorted(d.iterdir(), key=lambda c: c.name):
+      rel = prefix + child.name
+      if child.is_dir():
+        visit(child, rel + "/")
+      else:
+        out.append(rel)
+  visit(path(directory), "")
+  return out
+
+
 def download_tree(src_dir: str, local_dir: str) -> None:
   """Copies every file under the (remote) `src_dir` into `local_dir`."""
-  src = path(src_dir)
-  for root, _, files in src.walk():
-    for name in files:
-      f = root / name
-      rel = os.path.relpath(os.fspath(f), os.fspath(src))
-      dst = os.path.join(local_dir, rel)
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
-      with open(dst, "wb") as fh:
-        fh.write(f.read_bytes())
+  for rel in list_files(src_dir):
+    dst = os.path.join(local_dir, *rel.split("/"))
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with open(dst, "wb") as fh:
+      fh.write(read_bytes(join(src_dir, *rel.split("/"))))
 
 
 def cache_dir(*parts: str) -> str:

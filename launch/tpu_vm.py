@@ -11,10 +11,11 @@ instead of running them)::
 
 Sub-commands: ``create`` (TPU VM or queued resource, then wait for READY),
 ``setup`` (install the project on ``--worker=all``), ``data`` (copy from GCS or
-mount with gcsfuse on every worker), ``run`` (``python -m emo_jax.main`` on
-``--worker=all``; JAX's multi-controller runtime makes every host one process),
-``logs`` (tail a worker's log), ``delete`` and ``all`` (create, setup, data, run,
-logs). The command builders are pure functions returning ``Step`` lists so that
+mount with gcsfuse on every worker, into ``--data_dir``), ``run`` (``python -m
+emo_jax.main`` on ``--worker=all``; JAX's multi-controller runtime makes every host one
+process; ``--config.data.root`` is the data step's folder), ``logs`` (tail a worker's
+log), ``delete`` and ``all`` (create, setup, data, run, logs; it also prints the commands
+that follow the run and tear the TPU down). The command builders are pure functions returning ``Step`` lists so that
 tests can check the sequences without gcloud.
 
 Our choices (not facts about Cloud TPU): the project lives in ``~/emo_jax`` on
