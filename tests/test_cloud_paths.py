@@ -4,10 +4,12 @@ pointed at it how, and what cannot be: tf.io.gfile's GCS client).
 - the path helpers (input_pipeline.paths) and the readers of remote inputs: tokenizer
   files, precomputed priors (written to and read back from the bucket), local copies;
 - the `:test` config: train (checkpoints + grain iterator state + TensorBoard events in the
-  bucket), resume from the bucket, eval (report + PNGs), predict (a remote image, a remote
-  video with a timeline JSON + PNG), export (HF / bundle safetensors, tokenizer) with
-  `workdir=gs://bucket/...`, and no local `gs:` folder;
-- the default config the same way, with tiny step and example counts.
+  bucket), then --mode=eval (report + PNGs) and --mode=export (HF / bundle safetensors,
+  tokenizer), which restore the model from the bucket, and predict (a remote image, a
+  remote video with a timeline JSON + PNG), with `workdir=gs://bucket/...` and no local
+  `gs:` folder; resuming from the bucket is in tests/test_rehearsal.py;
+- the default config the same way, with eval and export at the end of training and tiny
+  step and example counts.
 """
 import json
 import os
@@ -114,14 +116,19 @@ def test_precomputed_priors_in_the_bucket(gcs, tmp_path):
 
 
 def _run_all_modes(cfg, workdir, tmp_path):
-  """train (+ eval + export at the end), predict on a remote image and a remote long video;
-  returns the train summary and the predict results."""
+  """train, then eval and export (at the end of training, or else as --mode=eval /
+  --mode=export, which restore the model from the bucket), predict on a remote image and a
+  remote long video; returns the train + eval + export summary and the predict results."""
   from emo_jax import main as main_lib
   from input_pipeline import synthetic
   cwd = os.getcwd()
   os.chdir(tmp_path)   # a URL that went through os.path would make a local 'gs:' here
   try:
     out = main_lib.run(cfg, workdir, "train")
+    if not cfg.eval.at_end:
+      out.update(main_lib.run(cfg, workdir, "eval"))
+    if not cfg.export.at_end:
+      out.update(main_lib.run(cfg, workdir, "export"))
     assert not os.path.exists(tmp_path / "gs:")
   finally:
     os.chdir(cwd)
@@ -162,7 +169,7 @@ def _check_workdir(workdir, out, image_res, video_res, steps):
   assert {"export/tokenizer/tokenizer.model", "export/tokenizer/vocab.txt",
           "export/export.json"} <= names
   exp = json.loads(paths.read_text(f"{workdir}/export/export.json"))
-  assert exp["step"] == steps and exp["paths"]["bundle"] == f"{workdir}/export/bundle"
+  assert exp["paths"]["bundle"] == f"{workdir}/export/bundle"
   assert image_res["input"] == f"{workdir}_inputs/face.png"
   assert abs(sum(image_res["probs"].values()) - 1) < 1e-5
   assert len(video_res["timeline"]) == 3
@@ -177,30 +184,15 @@ def test_test_config_gs_workdir(gcs, tmp_path):
   cfg.train.num_steps = 4
   cfg.checkpoint.every_steps = 2
   cfg.eval.max_examples = 8
+  cfg.eval.at_end = cfg.export.at_end = False   # eval / export modes read the bucket
   wd = f"{B}/runs/test"
   out, image_res, video_res = _run_all_modes(cfg, wd, tmp_path)
   assert out["step"] == 4 and not out["preempted"]
+  assert 0 <= out["eval"]["summary"]["likelihood"]["synthetic_images"]["war"] <= 1
   _check_workdir(wd, out, image_res, video_res, 4)
+  assert json.loads(paths.read_text(f"{wd}/export/export.json"))["step"] == 4
   steps = {n.split("/")[1] for n in _names(wd) if n.startswith("checkpoints/")}
   assert steps == {"2", "4"}
-
-  # Resume from the bucket: two more steps start from the saved step 4.
-  from emo_jax import main as main_lib
-  from emo_jax.train import loop
-  cfg6 = cfg.copy_and_resolve_references()
-  cfg6.train.num_steps = 6
-  cfg6.eval.at_end = cfg6.export.at_end = False
-  again = main_lib.run(cfg6, wd, "train")
-  assert again["step"] == 6
-  _, _, step = loop.restore_trained(cfg6, wd)
-  assert step == 6
-  # --mode=eval / --mode=export read the model back from the bucket.
-  ev = main_lib.run(cfg6, wd, "eval")["eval"]
-  assert 0 <= ev["summary"]["likelihood"]["synthetic_images"]["war"] <= 1
-  assert json.loads(paths.read_text(f"{wd}/eval/report.json"))["step"] == 6
-  exp = main_lib.run(cfg6, wd, "export")["export"]
-  assert json.loads(paths.read_text(f"{wd}/export/export.json"))["step"] == 6
-  assert exp["bundle"] == f"{wd}/export/bundle"
 
 
 def test_default_config_gs_workdir(gcs, tmp_path):
@@ -213,3 +205,31 @@ def test_default_config_gs_workdir(gcs, tmp_path):
   out, image_res, video_res = _run_all_modes(cfg, wd, tmp_path)
   assert out["step"] == 2
   _check_workdir(wd, out, image_res, video_res, 2)
+
+
+def test_data_roots(monkeypatch, tmp_path):
+  """Datasets stay local: a cloud workdir's synthetic data goes to the local cache, a URL
+  data root is a clear error, and the 7B config's dataset roots are relative to data.root
+  (the folder the launcher's data step fills)."""
+  from configs import emo_llama_7b
+  from emo_jax.train import task
+  from input_pipeline import datasets as datasets_lib
+  monkeypatch.setenv("EMO_JAX_CACHE", str(tmp_path / "cache"))
+  cfg = default.get_config("test")
+  root = task.data_root(cfg, "gs://b/run")
+  assert root.startswith(str(tmp_path / "cache" / "synthetic")) and "n70" in root
+  assert task.data_root(cfg, str(tmp_path / "wd")) == str(tmp_path / "wd" / "data")
+  cfg.data.root = "gs://b/fer"
+  with pytest.raises(ValueError, match="local folder as --config.data.root"):
+    task.data_root(cfg, "gs://b/run")
+
+  seen = []
+  monkeypatch.setattr(datasets_lib, "load_records",
+                      lambda name, ds_root, **kw: seen.append((name, ds_root, kw)) or [object()])
+  big = emo_llama_7b.get_config()
+  big.data.root = "~/data"
+  task.train_records(big, "gs://b/run", None)
+  home = os.path.expanduser("~")
+  assert seen[0][:2] == ("rafdb", os.path.join(home, "data", "RAF-DB", "basic"))
+  assert seen[1][:2] == ("ferid", os.path.join(home, "data", "FERID", "ferid_train.json"))
+  assert seen[1][2]["media_root"] == os.path.join(home, "data")

@@ -287,8 +287,8 @@ def evaluate(config, workdir: str, *, model: nnx.Module | None = None,
   from emo_jax.train import loop
   if model is None:
     _, model, step = loop.restore_trained(config, workdir)
-  paths = task_lib.prepare_data(config, workdir)
-  tok, qtok = task_lib.tokenizers(paths)
+  tok_paths = task_lib.prepare_data(config, workdir)
+  tok, qtok = task_lib.tokenizers(tok_paths)
   model_cfg = task_lib.model_config(config)
   pcfg = task_lib.pipeline_config(config, model_cfg, shuffle=False, shuffle_options=False)
   builder = pipeline_lib.ExampleBuilder(pcfg, tok, qtok, strict=False)

@@ -206,8 +206,8 @@ def _predict(config, workdir: str, input_path: str, *, question: str | None, mod
   from emo_jax.train import loop
   if model is None:
     _, model, _ = loop.restore_trained(config, workdir)
-  paths = task_lib.prepare_data(config, workdir)
-  tok, qtok = task_lib.tokenizers(paths)
+  tok_paths = task_lib.prepare_data(config, workdir)
+  tok, qtok = task_lib.tokenizers(tok_paths)
   pcfg = task_lib.pipeline_config(config, model_cfg, shuffle=False, shuffle_options=False,
                                   face_mode="aligned")
   builder = pipeline_lib.ExampleBuilder(pcfg, tok, qtok, strict=True)
