@@ -59,13 +59,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.lora_alpha = 256.0
 
   d = c.data
-  d.root = "/data"
-  d.train = [dict(name="rafdb", root="/data/RAF-DB/basic", split="train"),
-             dict(name="ferid", root="/data/FERID/ferid_train.json", split="train",
-                  media_root="/data")]
-  d.eval = [dict(name="rafdb", root="/data/RAF-DB/basic", split="test"),
-            dict(name="affectnet", root="/data/AffectNet", split="val"),
-            dict(name="ferplus", root="/data/FERPlus", split="test")]
+  d.root = "/data"               # dataset roots below are relative to it (the launcher's
+                                 # data step copies gs://.../ here and passes it)
+  d.train = [dict(name="rafdb", root="RAF-DB/basic", split="train"),
+             dict(name="ferid", root="FERID/ferid_train.json", split="train", media_root=".")]
+  d.eval = [dict(name="rafdb", root="RAF-DB/basic", split="test"),
+            dict(name="affectnet", root="AffectNet", split="val"),
+            dict(name="ferplus", root="FERPlus", split="test")]
 
   # lr 2e-5 (base) for the fully trained modules (Q-Former, projectors, face module).
   c.optimizer.groups = (("lora", r"^language_model/.*lora_[ab]$", 2e-4),)
@@ -74,6 +74,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sharding.rules = presets.choice
 
   if "video" in presets:
-    d.train.append(dict(name="dfew", root="/data/DFEW", split="train", fold=1))
-    d.eval.append(dict(name="dfew", root="/data/DFEW", split="test", folds=[1, 2, 3, 4, 5]))
+    d.train.append(dict(name="dfew", root="DFEW", split="train", fold=1))
+    d.eval.append(dict(name="dfew", root="DFEW", split="test", folds=[1, 2, 3, 4, 5]))
   return c

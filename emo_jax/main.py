@@ -16,7 +16,9 @@ the command line's), create nothing in it, and write their outputs to `--output_
 
 Multi-host (Cloud TPU pods, several GPU hosts): `jax.distributed.initialize()` runs when
 --coordinator_address is given or the environment names a coordinator
-(JAX_COORDINATOR_ADDRESS, a TPU pod with several workers, SLURM, ...).
+(JAX_COORDINATOR_ADDRESS, a TPU pod with several workers, SLURM, ...). Hosts started by
+hand may describe themselves with JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES +
+JAX_PROCESS_ID (flags win over them).
 """
 from __future__ import annotations
 
@@ -67,8 +69,13 @@ def _multihost_from_env() -> bool:
 
 def _maybe_initialize_distributed() -> None:
   import jax
+  env = os.environ
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES") and \
+      env.get("JAX_PROCESS_ID"):
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                               int(env["JAX_PROCESS_ID"]))
   elif _multihost_from_env():
     jax.distributed.initialize()   # reads the coordinator from the environment
 
@@ -110,12 +117,13 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
   import jax
   from emo_jax.train import evaluate, export, loop, predict, saved_config, validate
   from emo_jax.train import checkpoint as ckpt_lib
-  workdir = os.path.abspath(workdir)
+  from input_pipeline import paths
+  workdir = paths.resolve(workdir)   # local: absolute; gs://...: unchanged
   if mode != "train":
     config = saved_config.resolve(config, workdir, use_saved=use_saved_config)
   validate.validate(config, mode)
   if mode == "train":
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     if jax.process_index() == 0:
       saved_config.write(config, workdir)
     out = loop.train(config, workdir)
@@ -138,20 +146,20 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
                                           out_dir=output_dir)
     if config.export.at_end:
       summary["export"] = export.export(config, workdir, model=model,
-                                        out_dir=export_dir or os.path.join(workdir, "export"))
+                                        out_dir=export_dir or paths.join(workdir, "export"))
     return summary
   if mode == "predict":
     if not input_path:
       raise predict.PredictError("--mode=predict needs --input=<image or video file>")
-    out_dir = output_dir or os.path.join(workdir, "predict")
+    out_dir = output_dir or paths.join(workdir, "predict")
     return predict.predict(config, workdir, input_path, question=question, out_dir=out_dir)
   ckpt_lib.require_checkpoint(workdir)
   if mode == "eval":
-    out_dir = output_dir or os.path.join(workdir, "eval")
+    out_dir = output_dir or paths.join(workdir, "eval")
     ckpt_lib.check_writable(out_dir, "--output_dir")
     return {"eval": evaluate.evaluate(config, workdir, out_dir=out_dir)}
   if mode == "export":
-    out_dir = export_dir or os.path.join(workdir, "export")
+    out_dir = export_dir or paths.join(workdir, "export")
     ckpt_lib.check_writable(out_dir, "--export_dir")
     return {"export": export.export(config, workdir, out_dir=out_dir)}
   raise ValueError(f"unknown mode {mode!r}")

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from input_pipeline import paths
 from input_pipeline.contract import agr_labels as _agr_labels
 
 PRIOR_FIELDS = ("face_global", "face_local", "landmarks", "age_logits", "gender_logits",
@@ -94,12 +95,14 @@ class PriorStore:
 
   `store[record_id]` -> {'face_global' [F, G, Cf], 'face_local' [F, L, Cf], 'landmarks'
   [F, 68, 2], 'age_logits', 'gender_logits', 'race_logits', 'agr_labels': {'age', 'gender',
-  'race'} label names}. A missing id raises KeyError naming it.
+  'race'} label names}. A missing id raises KeyError naming it. A cloud `out_dir` is copied
+  to a local cache once (ArrayRecord reads local files).
   """
 
   def __init__(self, out_dir: str):
     self.out_dir = out_dir
-    with open(os.path.join(out_dir, INDEX_NAME)) as fh:
+    self._local = paths.local_dir(out_dir)
+    with open(os.path.join(self._local, INDEX_NAME)) as fh:
       meta = json.load(fh)
     self._shards = meta["shards"]
     self._index = {k: tuple(v) for k, v in meta["ids"].items()}
@@ -116,7 +119,7 @@ class PriorStore:
 
   def _reader(self, shard: int):
     if shard not in self._readers:
-      self._readers[shard] = ArrayRecordReader(os.path.join(self.out_dir, self._shards[shard]))
+      self._readers[shard] = ArrayRecordReader(os.path.join(self._local, self._shards[shard]))
     return self._readers[shard]
 
   def __getitem__(self, record_id: str) -> dict[str, Any]:

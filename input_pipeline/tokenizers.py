@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from input_pipeline import paths
+
 
 class LlamaTokenizer:
   """SentencePiece tokenizer from a LLaMA `tokenizer.model` file."""
@@ -32,9 +34,8 @@ class LlamaTokenizer:
                model_proto: bytes | None = None):
     if (model_file is None) == (model_proto is None):
       raise ValueError("give exactly one of model_file or model_proto")
-    if model_proto is None:
-      with open(model_file, "rb") as f:
-        model_proto = f.read()
+    if model_proto is None:   # a local path or a cloud URL (gs://...)
+      model_proto = paths.read_bytes(model_file)
     self._proto = model_proto
     self._load()
 
@@ -105,8 +106,7 @@ class BertTokenizer:
   """BERT WordPiece (uncased) from a `vocab.txt`, `[CLS] text [SEP]`."""
 
   def __init__(self, vocab_file: str | os.PathLike, *, lowercase: bool = True):
-    with open(vocab_file, encoding="utf-8") as f:
-      self._vocab_text = f.read()
+    self._vocab_text = paths.read_text(vocab_file)
     self._lowercase = lowercase
     self._build()
 

@@ -11,10 +11,11 @@ instead of running them)::
 
 Sub-commands: ``create`` (TPU VM or queued resource, then wait for READY),
 ``setup`` (install the project on ``--worker=all``), ``data`` (copy from GCS or
-mount with gcsfuse on every worker), ``run`` (``python -m emo_jax.main`` on
-``--worker=all``; JAX's multi-controller runtime makes every host one process),
-``logs`` (tail a worker's log), ``delete`` and ``all`` (create, setup, data, run,
-logs). The command builders are pure functions returning ``Step`` lists so that
+mount with gcsfuse on every worker, into ``--data_dir``), ``run`` (``python -m
+emo_jax.main`` on ``--worker=all``; JAX's multi-controller runtime makes every host one
+process; ``--config.data.root`` is the data step's folder), ``logs`` (tail a worker's
+log), ``delete`` and ``all`` (create, setup, data, run, logs; it also prints the commands
+that follow the run and tear the TPU down). The command builders are pure functions returning ``Step`` lists so that
 tests can check the sequences without gcloud.
 
 Our choices (not facts about Cloud TPU): the project lives in ``~/emo_jax`` on
@@ -218,8 +219,8 @@ def install_steps(spec: TpuSpec, *, repo_url: str | None = None, branch: str = "
 
   Either ``repo_url`` (git clone, or fetch + checkout when already cloned) or
   ``tarball`` (a local ``.tar.gz`` of the repository, e.g. from ``git archive``,
-  copied with ``tpu-vm scp --worker=all``). setup.sh installs the pinned CPU stack;
-  the torch CPU index keeps pip off the multi-GB CUDA torch wheel, then the
+  copied with ``tpu-vm scp --worker=all``). setup.sh installs the pinned runtime
+  stack (requirements.txt: no test-only torch / transformers / peft), then the
   accelerator build of the same jax version replaces the CPU one.
   """
   if (repo_url is None) == (tarball is None):
@@ -234,8 +235,7 @@ def install_steps(spec: TpuSpec, *, repo_url: str | None = None, branch: str = "
     name = pathlib.PurePath(tarball).name
     steps.append(scp(spec, tarball, f"~/{name}"))
     fetch = (f"mkdir -p {REPO_DIR} && tar -xzf ~/{shlex.quote(name)} -C {REPO_DIR}")
-  setup = (f"cd {REPO_DIR} && PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu "
-           f"bash scripts/setup.sh && .venv/bin/pip install -q "
+  setup = (f"cd {REPO_DIR} && bash scripts/setup.sh && .venv/bin/pip install -q "
            f"{shlex.quote(accelerator_pip(accelerator))}")
   steps.append(ssh(spec, f"set -e; {fetch}; {setup}", kind="install"))
   return steps
@@ -331,10 +331,13 @@ def remote_script(commands: Sequence[Sequence[str]], log_names: Sequence[str],
 
 
 def run_steps(spec: TpuSpec, config: str, workdir: str, overrides=(),
-              env: dict[str, str] | None = None, background: bool = True) -> list[Step]:
-  """Start ``python -m emo_jax.main`` on ``--worker=all`` (one JAX process per host)."""
+              env: dict[str, str] | None = None, background: bool = True,
+              data_root: str | None = None) -> list[Step]:
+  """Start ``python -m emo_jax.main`` on ``--worker=all`` (one JAX process per host).
+  ``data_root``: the folder the data step filled, passed as ``--config.data.root``."""
   check_workdir(spec, workdir)
-  cmd = train_command(config, workdir, overrides)
+  extra = [f"--config.data.root={data_root}"] if data_root else []
+  cmd = train_command(config, workdir, overrides, extra)
   return [ssh(spec, remote_script([cmd], [run_name(workdir)], env, background), kind="run")]
 
 
@@ -413,6 +416,8 @@ def add_run_flags(p: argparse.ArgumentParser, workdir_required: bool = True) -> 
   p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                  help="environment variable for the training processes (repeatable)")
   p.add_argument("--foreground", action="store_true", help="block instead of nohup")
+  p.add_argument("--data_root", default=None,
+                 help="run: passed as --config.data.root (all: the data step's --data_dir)")
 
 
 def spec_from_args(args: argparse.Namespace) -> TpuSpec:
@@ -467,7 +472,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
     return data_steps(spec, args.data_gcs, args.data_dir, args.data_mode)
   if args.cmd == "run":
     return run_steps(spec, args.config, args.workdir, args.override, parse_env(args.env),
-                     background=not args.foreground)
+                     background=not args.foreground, data_root=args.data_root)
   if args.cmd == "logs":
     return logs_steps(spec, args.log, args.worker)
   if args.cmd == "delete":
@@ -476,13 +481,31 @@ def plan(args: argparse.Namespace) -> list[Step]:
   check_workdir(spec, args.workdir)
   foreground = args.foreground or args.delete_after
   steps = create_steps(spec) + setup_and_data_steps(spec, args)
+  # The run reads the data where the data step put it.
+  data_root = args.data_root or (args.data_dir if args.data_gcs else None)
+  if args.data_gcs and args.data_root and args.data_root != args.data_dir:
+    raise ValueError(f"--data_root={args.data_root} differs from --data_dir={args.data_dir}, "
+                     "where the data step puts --data_gcs")
   steps += run_steps(spec, args.config, args.workdir, args.override, parse_env(args.env),
-                     background=not foreground)
+                     background=not foreground, data_root=data_root)
   if args.delete_after:
     steps += delete_steps(spec)
   else:
     steps += logs_steps(spec, run_name(args.workdir))
   return steps
+
+
+def follow_commands(args: argparse.Namespace) -> list[str]:
+  """The commands to follow a started run and to tear its TPU down (printed by ``all``)."""
+  flags = [f"--name={args.name}", f"--zone={args.zone}"]
+  if args.project:
+    flags.append(f"--project={args.project}")
+  follow = ["python", "-m", "launch.tpu_vm", "logs", *flags, f"--log={run_name(args.workdir)}"]
+  down = ["python", "-m", "launch.tpu_vm", "delete", *flags]
+  if args.queued:
+    down.append("--queued")
+  return [f"# follow the run: {shlex.join(follow)}  (--worker=N for another host)",
+          f"# tear it down:   {shlex.join(down)}"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -495,7 +518,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   spec = spec_from_args(args)
   if args.dry_run:
     print(f"# {spec.accelerator_type}: {spec.hosts} host(s), runtime {spec.runtime}")
-  execute(steps, dry_run=args.dry_run)
+  tail = follow_commands(args) if args.cmd == "all" and not args.delete_after else []
+  if tail and not args.dry_run:   # the last step (tail -F of the log) blocks: say it before
+    execute(steps[:-1], dry_run=False)
+    print("\n".join(tail), flush=True)
+    execute(steps[-1:], dry_run=False)
+  else:
+    execute(steps, dry_run=args.dry_run)
+    if tail:
+      print("\n".join(tail), flush=True)
   return 0
 
 

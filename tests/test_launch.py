@@ -68,7 +68,9 @@ def test_single_host_sequence(capsys):
   assert _flag(logs, "worker") == "0"
   inst = _flag(install, "command")
   assert "git clone --depth=1 --branch=dev https://github.com/me/emo_jax.git" in inst
-  assert "bash scripts/setup.sh" in inst and "jax[tpu]==" in inst
+  assert "bash scripts/setup.sh &&" in inst and "jax[tpu]==" in inst
+  # Runtime requirements only: no --test, no torch index.
+  assert "--test" not in inst and "torch" not in inst
   assert "gcloud storage rsync -r gs://bkt/fer ~/data" in _flag(data, "command")
   remote = _flag(run, "command")
   assert remote.startswith("cd ~/emo_jax && . .venv/bin/activate")
@@ -80,7 +82,23 @@ def test_single_host_sequence(capsys):
   assert _flag(inner, "workdir") == "gs://bkt/runs/lora7b"
   assert _flag(inner, "config.learning_rate") == "2e-4"
   assert _flag(inner, "config.lora.rank") == "16"
+  # The run reads the data where the data step wrote it.
+  assert _flag(inner, "config.data.root") == "~/data"
   assert "~/logs/lora7b.log" in _flag(logs, "command")
+  # How to follow and tear down, printed as comments.
+  comments = [l for l in text.splitlines() if l.startswith("# ")]
+  follow = [shlex.split(l.split(": ", 1)[1].split("  (")[0]) for l in comments
+            if "follow the run" in l][0]
+  down = [shlex.split(l.split(": ", 1)[1]) for l in comments if "tear it down" in l][0]
+  assert follow[:4] == ["python", "-m", "launch.tpu_vm", "logs"]
+  assert _flag(follow, "log") == "lora7b" and _flag(follow, "name") == "emo-1"
+  assert down[:4] == ["python", "-m", "launch.tpu_vm", "delete"] and _flag(down, "name") == "emo-1"
+  # Those commands parse and plan the matching steps.
+  assert tpu_vm.plan(tpu_vm.build_parser().parse_args(follow[3:])) == [
+      s for s in tpu_vm.logs_steps(tpu_vm.TpuSpec("emo-1", "us-west4-a", "v5litepod-8"),
+                                   "lora7b")]
+  assert tpu_vm.plan(tpu_vm.build_parser().parse_args(down[3:])) == tpu_vm.delete_steps(
+      tpu_vm.TpuSpec("emo-1", "us-west4-a", "v5litepod-8"))
 
 
 def test_multi_host_queued_sequence(capsys):
@@ -102,7 +120,9 @@ def test_multi_host_queued_sequence(capsys):
     assert _flag(c, "worker") == "all"
   assert "gcsfuse -o ro --implicit-dirs --only-dir=fer bkt ~/data" in _flag(cmds[3], "command")
   assert "nohup" not in _flag(cmds[4], "command")
+  assert "--config.data.root=~/data" in _flag(cmds[4], "command")
   assert "--force" in cmds[5]
+  assert "tear it down" not in text   # --delete_after deletes by itself
 
 
 def test_multi_host_needs_shared_workdir(capsys):
@@ -244,3 +264,38 @@ def test_sweep_of_the_repository_sweep_config(capsys, monkeypatch):
         node = node[part]
       assert leaf in node, k
       node[leaf] = v
+
+
+def test_data_root_agrees_with_data_step(capsys):
+  """The data step's destination is the run's --config.data.root; a different explicit
+  root is refused; without a data step nothing is passed (the config's own root)."""
+  common = ["all", "--name=emo-1", "--zone=z", "--accelerator_type=v4-8",
+            "--repo_url=https://x/y.git", "--config=configs/emo_llama_7b.py",
+            "--workdir=gs://b/r"]
+  cmds, _ = _dry_run(capsys, tpu_vm, [*common, "--data_gcs=gs://b/fer", "--data_dir=/mnt/fer"])
+  assert "gcloud storage rsync -r gs://b/fer /mnt/fer" in _flag(cmds[3], "command")
+  assert "--config.data.root=/mnt/fer" in _flag(cmds[4], "command")
+  assert tpu_vm.main([*common, "--data_gcs=gs://b/fer", "--data_dir=/mnt/fer",
+                      "--data_root=/other", "--dry_run"]) == 2
+  assert "differs" in capsys.readouterr().err
+  cmds, _ = _dry_run(capsys, tpu_vm, common)
+  assert "data.root" not in _flag(cmds[3], "command")
+  cmds, _ = _dry_run(capsys, tpu_vm, ["run", "--name=emo-1", "--zone=z",
+                                      "--accelerator_type=v4-8", "--config=configs/default.py",
+                                      "--workdir=/tmp/r", "--data_root=/mnt/d"])
+  assert "--config.data.root=/mnt/d" in _flag(cmds[0], "command")
+
+
+def test_runtime_requirements_exclude_test_references():
+  runtime = (ROOT / "requirements.txt").read_text()
+  test = (ROOT / "requirements-test.txt").read_text()
+  names = lambda text: {l.split("==")[0].strip().lower() for l in text.splitlines()
+                        if "==" in l and not l.lstrip().startswith("#")}
+  assert {"torch", "transformers", "peft", "pytest", "gcp-storage-emulator"}.isdisjoint(
+      names(runtime))
+  assert {"torch", "transformers", "peft", "pytest", "gcp-storage-emulator", "gcsfs"} <= names(test)
+  assert "-r requirements.txt" in test.splitlines()
+  assert {"jax", "orbax-checkpoint", "etils", "grain"} <= names(runtime)
+  setup = (ROOT / "scripts" / "setup.sh").read_text()
+  assert "requirements-test.txt" in setup and "setup.sh --test" in (
+      ROOT / "scripts" / "test.sh").read_text()

@@ -30,7 +30,7 @@ from flax import nnx
 from emo_jax.convert import facexformer as convert
 from emo_jax.models import facexformer as fx
 from emo_jax.models.pixels import normalize_face
-from input_pipeline import contract, datasets, pipeline
+from input_pipeline import contract, datasets, paths, pipeline
 from input_pipeline.preprocess import PreextractedSource
 from input_pipeline.prior_store import PRIOR_FIELDS, StoreWriter
 from input_pipeline.records import SkipCounter
@@ -94,9 +94,10 @@ def precompute_priors(runner: PriorRunner, items: Iterable[tuple[str, np.ndarray
   """Write the priors of every (record_id, crops [F, S, S, 3]) to a prior store.
 
   Samples are distributed round-robin over `num_shards`; returns the index written to
-  `out_dir/index.json`. A duplicate id or a sample without crops raises.
+  `out_dir/index.json`. A duplicate id or a sample without crops raises. A cloud `out_dir`
+  (gs://...) is written locally, then uploaded.
   """
-  with StoreWriter(out_dir, num_shards) as writer:
+  with paths.staged_dir(out_dir) as local, StoreWriter(local, num_shards) as writer:
     for group in _batched_records(items, runner.batch_size):
       for rid, crops in group:
         if np.asarray(crops).ndim != 4 or len(crops) == 0:
@@ -127,8 +128,8 @@ def make_priors_fn(runner: PriorRunner, template: str | None = None):
   return priors_fn
 
 
-def _preextracted_items(paths: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
-  source = PreextractedSource(list(paths))
+def _preextracted_items(shard_paths: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+  source = PreextractedSource(list(shard_paths))
   for i in range(len(source)):
     ex = source[i]
     if "face_crops" not in ex:
@@ -175,11 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("error: give exactly one of --shards or --dataset", file=sys.stderr)
     return 2
   if args.shards:
-    paths = sorted(glob.glob(args.shards))
-    if not paths:
+    shard_paths = sorted(glob.glob(args.shards))
+    if not shard_paths:
       print(f"error: no shards match {args.shards}", file=sys.stderr)
       return 2
-    items = _preextracted_items(paths)
+    items = _preextracted_items(shard_paths)
   else:
     items = _record_items(args)
   model = convert.load_facexformer(args.checkpoint, fx.FaceXFormerConfig(**json.loads(args.config)),

@@ -10,6 +10,7 @@ sorted inputs), so a restarted run gets the same ids.
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
@@ -79,43 +80,52 @@ def ensure_default_data(data_root: str, *, num_images: int, num_clips: int, seed
 
   Says so (a warning) when it creates the folder or generates into it, and refuses a
   folder that exists and holds files it did not make (a mistyped `config.data.root` must
-  not fill someone's dataset folder)."""
+  not fill someone's dataset folder). Processes sharing a disk (several hosts' caches on
+  one machine) generate one at a time."""
   marker = os.path.join(data_root, GENERATED)
   if not os.path.exists(marker):
-    started = os.path.join(data_root, GENERATING)
-    present = sorted(os.listdir(data_root)) if os.path.isdir(data_root) else None
-    if present and not os.path.exists(started):
-      raise ConfigError(
-          f"config.data.root {data_root} exists and holds other files ({present[:3]}...) "
-          "but no generated synthetic data: refusing to generate into it; point "
-          "config.data.root at an empty or new folder, or at real data with "
-          "config.data.synthetic.generate=False")
-    logging.warning("%s synthetic data folder %s (config.data.root=%r; '' means "
-                    "<workdir>/data) and generating %d images and %d clips into it",
-                    "creating the" if present is None else
-                    "resuming the half-made" if present else "using the empty",
-                    data_root, data_root, num_images, num_clips)
-    os.makedirs(data_root, exist_ok=True)
-    with open(started, "w") as f:
-      f.write("synthetic data generation in progress\n")
-    summary = synthetic.generate(data_root, num_images=num_images, num_clips=num_clips,
-                                 seed=seed, image_size=image_size, clip_size=image_size)
-    tok = train_llama_tokenizer(data_root, os.path.join(data_root, "tokenizer.model"))
-    write_bert_vocab(data_root, os.path.join(data_root, "vocab.txt"))
-    summary.update(num_images=num_images, num_clips=num_clips, seed=seed)
-    with open(marker, "w") as f:   # written last: a half-generated folder is regenerated
-      json.dump(summary, f, indent=1)
-    os.remove(started)
-    del tok
-  else:
-    with open(marker) as f:
-      have = json.load(f)
-    if (have.get("num_images"), have.get("num_clips"), have.get("seed")) != (
-        num_images, num_clips, seed):
-      raise ConfigError(
-          f"{data_root} holds synthetic data made with num_images={have.get('num_images')}, "
-          f"num_clips={have.get('num_clips')}, seed={have.get('seed')}, but the config asks "
-          f"for {num_images}, {num_clips}, {seed}: delete the folder or point "
-          "config.data.root elsewhere")
+    os.makedirs(os.path.dirname(os.path.abspath(data_root)), exist_ok=True)
+    with open(os.path.abspath(data_root) + ".lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not os.path.exists(marker):
+        _generate(data_root, marker, num_images=num_images, num_clips=num_clips, seed=seed,
+                  image_size=image_size)
+  with open(marker) as f:
+    have = json.load(f)
+  if (have.get("num_images"), have.get("num_clips"), have.get("seed")) != (
+      num_images, num_clips, seed):
+    raise ConfigError(
+        f"{data_root} holds synthetic data made with num_images={have.get('num_images')}, "
+        f"num_clips={have.get('num_clips')}, seed={have.get('seed')}, but the config asks "
+        f"for {num_images}, {num_clips}, {seed}: delete the folder or point "
+        "config.data.root elsewhere")
   return {"tokenizer": os.path.join(data_root, "tokenizer.model"),
           "qformer_vocab": os.path.join(data_root, "vocab.txt")}
+
+
+def _generate(data_root: str, marker: str, *, num_images: int, num_clips: int, seed: int,
+              image_size: int) -> None:
+  started = os.path.join(data_root, GENERATING)
+  present = sorted(os.listdir(data_root)) if os.path.isdir(data_root) else None
+  if present and not os.path.exists(started):
+    raise ConfigError(
+        f"config.data.root {data_root} exists and holds other files ({present[:3]}...) "
+        "but no generated synthetic data: refusing to generate into it; point "
+        "config.data.root at an empty or new folder, or at real data with "
+        "config.data.synthetic.generate=False")
+  logging.warning("%s synthetic data folder %s (config.data.root=%r; '' means "
+                  "<workdir>/data) and generating %d images and %d clips into it",
+                  "creating the" if present is None else
+                  "resuming the half-made" if present else "using the empty",
+                  data_root, data_root, num_images, num_clips)
+  os.makedirs(data_root, exist_ok=True)
+  with open(started, "w") as f:
+    f.write("synthetic data generation in progress\n")
+  summary = synthetic.generate(data_root, num_images=num_images, num_clips=num_clips,
+                               seed=seed, image_size=image_size, clip_size=image_size)
+  train_llama_tokenizer(data_root, os.path.join(data_root, "tokenizer.model"))
+  write_bert_vocab(data_root, os.path.join(data_root, "vocab.txt"))
+  summary.update(num_images=num_images, num_clips=num_clips, seed=seed)
+  with open(marker, "w") as f:   # written last: a half-generated folder is regenerated
+    json.dump(summary, f, indent=1)
+  os.remove(started)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any, Iterator
 
@@ -35,6 +34,7 @@ from absl import logging
 
 from emo_jax.train.errors import ConfigError, MissingCheckpointError
 from emo_jax.train.optimizer import path_str
+from input_pipeline import paths
 
 CHECKPOINT_SUBDIR = "checkpoints"
 COMMIT_MARKER = "commit_success.txt"
@@ -45,19 +45,19 @@ TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, CHECKPOINT_SUBDIR)
+  return paths.join(workdir, CHECKPOINT_SUBDIR)
 
 
 def _exists(path: str) -> bool:
-  return os.path.exists(path)
+  return paths.exists(path)
+
+
+def _isdir(path: str) -> bool:
+  return paths.path(path).is_dir()
 
 
 def _listdir(path: str) -> list[str]:
-  return sorted(os.listdir(path)) if os.path.isdir(path) else []
-
-
-def _rmtree(path: str) -> None:
-  shutil.rmtree(path)
+  return sorted(p.name for p in paths.path(path).iterdir()) if _isdir(path) else []
 
 
 def step_folders(directory: str) -> dict[int, bool]:
@@ -65,17 +65,20 @@ def step_folders(directory: str) -> dict[int, bool]:
   out = {}
   for name in _listdir(directory):
     if name.isdigit():
-      out[int(name)] = _exists(os.path.join(directory, name, COMMIT_MARKER))
+      out[int(name)] = _exists(paths.join(directory, name, COMMIT_MARKER))
   return out
 
 
 def tmp_folders(directory: str) -> list[str]:
   """orbax's temporary directories of writes that never finished."""
-  return [os.path.join(directory, n) for n in _listdir(directory) if TMP_MARK in n]
+  return [paths.join(directory, n) for n in _listdir(directory) if TMP_MARK in n]
 
 
 def check_writable(out_dir: str, flag: str) -> None:
-  """ConfigError unless `out_dir` (or its nearest existing parent) is a writable folder."""
+  """ConfigError unless `out_dir` (or its nearest existing parent) is a writable folder.
+  A cloud URL is not checked here: the store answers at the first write."""
+  if paths.is_remote(out_dir):
+    return
   p = os.path.abspath(out_dir)
   while not os.path.exists(p):
     p = os.path.dirname(p)
@@ -87,7 +90,7 @@ def check_writable(out_dir: str, flag: str) -> None:
 def require_checkpoint(workdir: str) -> int:
   """The newest committed step of a workdir; MissingCheckpointError (a one-line message
   for the command) when the workdir or a committed checkpoint in it is missing."""
-  if not os.path.isdir(workdir):
+  if not _isdir(workdir):
     raise MissingCheckpointError(f"workdir {workdir} does not exist: train first "
                                  "(--mode=train) or check --workdir")
   step = latest_committed_step(checkpoint_dir(workdir))
@@ -185,7 +188,7 @@ class Checkpointer:
     self.save_every_secs = save_every_secs
     self._last_save_time = time.monotonic()
     if read_only:
-      if not os.path.isdir(directory):
+      if not _isdir(directory):
         raise MissingCheckpointError(f"no checkpoint folder {directory}: train first "
                                      "(--mode=train) or check --workdir")
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
@@ -204,7 +207,7 @@ class Checkpointer:
   def _committed(self, step: int) -> bool:
     """orbax writes `commit_success.txt` into a step before it becomes visible; a step
     directory without it was copied or written partially (e.g. an interrupted sync)."""
-    return _exists(os.path.join(self.directory, str(step), COMMIT_MARKER))
+    return _exists(paths.join(self.directory, str(step), COMMIT_MARKER))
 
   def latest_step(self) -> int | None:
     """The newest *committed* step. Uncommitted step directories newer than it are
@@ -215,7 +218,7 @@ class Checkpointer:
     for step in steps:
       if self._committed(step):
         return step
-      folder = os.path.join(self.directory, str(step))
+      folder = paths.join(self.directory, str(step))
       if self.read_only:
         logging.warning("checkpoint: %s has no %s (not committed): skipped", folder,
                         COMMIT_MARKER)

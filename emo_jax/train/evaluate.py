@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
-import os
 from typing import Any, Sequence
 
 import grain
@@ -37,6 +37,7 @@ from emo_jax.train import loop
 from emo_jax.train import metrics as metrics_lib
 from emo_jax.train import task as task_lib
 from input_pipeline import instructions as instructions_lib
+from input_pipeline import paths
 from input_pipeline import pipeline as pipeline_lib
 from input_pipeline.contract import AGE_BINS, GENDERS, RACES
 from input_pipeline.records import Record, SkipCounter
@@ -247,8 +248,10 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str], title: str, path: str)
       ax.text(c, r, str(v), ha="center", va="center",
               color="white" if v > cm.max() / 2 else "black", fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
   plt.close(fig)
+  paths.write_bytes(path, buf.getvalue())
   return path
 
 
@@ -290,15 +293,15 @@ def evaluate(config, workdir: str, *, model: nnx.Module | None = None,
   'report': path}."""
   if model is None:
     _, model, step = loop.restore_trained(config, workdir)
-  paths = task_lib.prepare_data(config, workdir, generate=False)
-  tok, qtok = task_lib.tokenizers(paths)
+  tok_paths = task_lib.prepare_data(config, workdir, generate=False)
+  tok, qtok = task_lib.tokenizers(tok_paths)
   model_cfg = task_lib.model_config(config)
   pcfg = task_lib.pipeline_config(config, model_cfg, shuffle=False, shuffle_options=False)
   builder = pipeline_lib.ExampleBuilder(pcfg, tok, qtok, strict=False)
   scorer = Scorer(model, max_new_tokens=config.eval.max_new_tokens, eos_id=tok.eos_id,
                   pad_id=tok.pad_id)
-  out_dir = out_dir or os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = out_dir or paths.join(workdir, "eval")
+  paths.makedirs(out_dir)
   skips = SkipCounter(strict=bool(config.data.get("strict", False)))
   sets = task_lib.eval_sets(config, workdir, skips)
   report: dict[str, Any] = {"step": step, "modes": {}, "samples": {}}
@@ -321,7 +324,7 @@ def evaluate(config, workdir: str, *, model: nnx.Module | None = None,
       per_name.setdefault(es["name"], []).append(entry)
       tag = f"{es['name']}" + (f"_fold{es['fold']}" if es["fold"] else "")
       confusion_png(s.confusion, classes, f"{tag} ({mode})",
-                    os.path.join(out_dir, f"confusion_{tag}_{mode}.png"))
+                    paths.join(out_dir, f"confusion_{tag}_{mode}.png"))
       report["samples"].setdefault(mode, {})[tag] = [
           {"id": recs[k].id, "label": int(l), "pred": int(p),
            **({"answer": res["answers"][n]} if "answers" in res else {}),
@@ -349,10 +352,9 @@ def evaluate(config, workdir: str, *, model: nnx.Module | None = None,
   if skips.truncations:
     report["truncated"] = skips.truncations
   if jax.process_index() == 0:
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-      json.dump(report, f, indent=1, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-      f.write(_markdown(report))
+    paths.write_text(paths.join(out_dir, "report.json"), json.dumps(
+        report, indent=1, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
+    paths.write_text(paths.join(out_dir, "report.md"), _markdown(report))
   summary = {mode: {name: {"uar": r["uar"], "war": r["war"], "num_samples": r["num_samples"]}
                     for name, r in per.items()} for mode, per in report["modes"].items()}
-  return {"summary": summary, "report": os.path.join(out_dir, "report.json")}
+  return {"summary": summary, "report": paths.join(out_dir, "report.json")}

@@ -9,12 +9,13 @@
                         the emo_jax bundle that `emo_jax.convert.bundle` reloads;
     <out>/tokenizer/    the tokenizer files the run used.
 The HF LLM alone is the language half: the visual tokens come from the bundle's modules.
+`out` may be a cloud URL (`gs://...`): the files are written to a local folder first and
+then uploaded (input_pipeline.paths.staged_dir); the returned paths name `out`.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 from absl import logging
@@ -25,6 +26,7 @@ from emo_jax.convert import bundle, llama_hf
 from emo_jax.models import lora
 from emo_jax.train import loop
 from emo_jax.train import task as task_lib
+from input_pipeline import paths
 
 
 def export(config, workdir: str, *, model: nnx.Module | None = None,
@@ -33,7 +35,7 @@ def export(config, workdir: str, *, model: nnx.Module | None = None,
   step = None
   if model is None:
     _, model, step = loop.restore_trained(config, workdir)
-  out_dir = out_dir or os.path.join(workdir, "export")
+  out_dir = paths.resolve(out_dir or paths.join(workdir, "export"))
   formats = tuple(formats or config.export.formats)
   unknown = set(formats) - {"hf", "peft", "bundle"}
   if unknown:
@@ -42,7 +44,17 @@ def export(config, workdir: str, *, model: nnx.Module | None = None,
   out: dict[str, str | None] = {}
   if jax.process_index() != 0:
     return out
-  os.makedirs(out_dir, exist_ok=True)
+  with paths.staged_dir(out_dir) as local:
+    has_lora = _write(config, workdir, model, local, formats, dtype, out)
+    out = {k: v and paths.join(out_dir, os.path.relpath(v, local)) for k, v in out.items()}
+    with open(os.path.join(local, "export.json"), "w") as f:
+      json.dump({"step": step, "paths": out, "has_lora": has_lora}, f, indent=1)
+  logging.info("exported %s to %s", sorted(k for k, v in out.items() if v), out_dir)
+  return out
+
+
+def _write(config, workdir, model, out_dir, formats, dtype, out) -> bool:
+  """Writes the formats into the local folder `out_dir`; fills `out` with local paths."""
   llm = model.language_model
   has_lora = bool(lora.lora_modules(llm))
   if "peft" in formats:
@@ -61,13 +73,10 @@ def export(config, workdir: str, *, model: nnx.Module | None = None,
     d = os.path.join(out_dir, "bundle")
     bundle.save_bundle(model, d)
     out["bundle"] = d
-  paths = task_lib.prepare_data(config, workdir, generate=False)
+  tok_paths = task_lib.prepare_data(config, workdir, generate=False)
   tdir = os.path.join(out_dir, "tokenizer")
   os.makedirs(tdir, exist_ok=True)
-  for k, p in paths.items():
-    shutil.copy(p, os.path.join(tdir, os.path.basename(p)))
+  for p in tok_paths.values():
+    paths.copy_file(p, os.path.join(tdir, paths.basename(p)))
   out["tokenizer"] = tdir
-  with open(os.path.join(out_dir, "export.json"), "w") as f:
-    json.dump({"step": step, "paths": out, "has_lora": has_lora}, f, indent=1)
-  logging.info("exported %s to %s", sorted(k for k, v in out.items() if v), out_dir)
-  return out
+  return has_lora

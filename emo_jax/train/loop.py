@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from clu import periodic_actions
 from flax import nnx
 
@@ -43,7 +42,9 @@ from emo_jax.train import optimizer as opt_lib
 from emo_jax.train import state as state_lib
 from emo_jax.train import step as step_lib
 from emo_jax.train import task as task_lib
+from emo_jax.train import writers as writers_lib
 from emo_jax.train.errors import MissingCheckpointError, NonFiniteError
+from input_pipeline import paths
 from input_pipeline.records import SkipCounter
 
 # Peak dense FLOP/s per device by device kind (bf16; public spec sheets). Our table, used
@@ -189,7 +190,7 @@ def _has_pretrained(config) -> bool:
 
 def train(config, workdir: str) -> dict:
   """Trains (resuming if a checkpoint exists). Returns a summary dict."""
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   built = build(config, workdir)
   toks = task_lib.tokenizers(built.paths)
   if toks[0].vocab_size > built.model_cfg.llm.vocab_size:
@@ -229,8 +230,7 @@ def train(config, workdir: str) -> dict:
       accum_steps=config.train.accum_steps, compute_dtype=compute_dtype)
 
   is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main,
-                                                asynchronous=False)
+  writer = writers_lib.metric_writer(workdir, is_main=is_main)
   writer.write_hparams({k: v for k, v in _flat_hparams(config).items()})
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_secs=None,
@@ -242,9 +242,13 @@ def train(config, workdir: str) -> dict:
   pending: list[dict] = []   # device metrics since the last log (fetched when logging)
   step = start
   stopped = False
-  hash_log = None
-  if config.train.get("log_batch_hashes", False):
-    hash_log = open(os.path.join(workdir, f"batch_hashes.{jax.process_index()}.jsonl"), "a")
+  hash_log = hash_stage = None
+  if config.train.get("log_batch_hashes", False):   # appended locally, uploaded at saves
+    hash_stage = paths.StagedDir(workdir)
+    name = f"batch_hashes.{jax.process_index()}.jsonl"
+    if hash_stage.remote and paths.exists(paths.join(workdir, name)):   # a resumed run
+      paths.copy_file(paths.join(workdir, name), os.path.join(hash_stage.local, name))
+    hash_log = open(os.path.join(hash_stage.local, name), "a")
   try:
     with sharding_lib.use_mesh_rules(built.mesh, built.rules):
       while step < num_steps:
@@ -287,6 +291,9 @@ def train(config, workdir: str) -> dict:
           t_last, pending = time.time(), []
         if will_save:
           checkpointer.save(step, state, train_iter)
+          if hash_stage is not None:
+            hash_log.flush()
+            hash_stage.sync()
         if stop:
           stopped = True
           logging.warning("stopping at step %d after a stop signal (checkpoint saved)", step)
@@ -294,8 +301,9 @@ def train(config, workdir: str) -> dict:
   finally:
     if hash_log is not None:
       hash_log.close()
+      hash_stage.close()
     checkpointer.close()
-    writer.flush()
+    writer.close()   # flushes (and uploads, for a cloud workdir)
     preempt.uninstall()
   if skips.total or skips.truncations:
     logging.warning(skips.report())

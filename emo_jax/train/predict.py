@@ -26,6 +26,7 @@ PredictError, which the command prints as `error: ...` and exits with status 2.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -34,13 +35,15 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from emo_jax.train import evaluate as eval_lib
 from emo_jax.train import checkpoint as ckpt_lib
+from emo_jax.train import evaluate as eval_lib
+from emo_jax.train import loop
 from emo_jax.train import task as task_lib
 from emo_jax.train.errors import UserError
 from input_pipeline import instructions as instructions_lib
 from input_pipeline import labels as labels_lib
 from input_pipeline import media as media_lib
+from input_pipeline import paths
 from input_pipeline import pipeline as pipeline_lib
 from input_pipeline import template as template_lib
 from input_pipeline.records import BadInputError, Record
@@ -168,8 +171,10 @@ def _timeline_png(timeline: list[dict], classes, path: str) -> str:
   ax.set_title("emotion per window")
   ax.legend(fontsize=7, ncol=4, loc="upper right")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
   plt.close(fig)
+  paths.write_bytes(path, buf.getvalue())
   return path
 
 
@@ -296,13 +301,12 @@ def generate_answer(scorer, prompts: _Prompts, frames: np.ndarray, tok) -> str:
 
 def write_timeline(timeline: list[dict], classes, input_path: str, window_secs: float,
                    out_dir: str, name: str) -> tuple[str, str]:
-  """<out_dir>/<name>_timeline.{json,png}."""
-  os.makedirs(out_dir, exist_ok=True)
-  jpath = os.path.join(out_dir, f"{name}_timeline.json")
-  with open(jpath, "w") as f:
-    json.dump({"input": input_path, "window_secs": window_secs, "timeline": timeline}, f,
-              indent=1)
-  ppath = _timeline_png(timeline, classes, os.path.join(out_dir, f"{name}_timeline.png"))
+  """<out_dir>/<name>_timeline.{json,png} (out_dir may be a cloud URL)."""
+  paths.makedirs(out_dir)
+  jpath = paths.join(out_dir, f"{name}_timeline.json")
+  paths.write_text(jpath, json.dumps({"input": input_path, "window_secs": window_secs,
+                                      "timeline": timeline}, indent=1))
+  ppath = _timeline_png(timeline, classes, paths.join(out_dir, f"{name}_timeline.png"))
   return jpath, ppath
 
 
@@ -325,17 +329,30 @@ SYNTHETIC_NOTE = ("note: this model was trained on synthetic faces only; its ans
 def predict(config, workdir: str, input_path: str, *, question: str | None = None,
             model=None, out_dir: str | None = None) -> dict:
   """Runs the model of `workdir` on one file; prints and returns the result. A long
-  video's timeline goes to `out_dir` (default <workdir>/predict)."""
+  video's timeline goes to `out_dir` (default <workdir>/predict). The input, the workdir and
+  `out_dir` may be cloud URLs (a remote input is read from a temporary local copy)."""
+  if paths.is_remote(input_path) and not paths.isfile(input_path):
+    raise PredictError(f"{input_path}: no such file")
+  with paths.local_copy(input_path) as media_path:
+    try:
+      return _predict(config, workdir, media_path, question=question, model=model,
+                      out_dir=out_dir, shown_path=input_path)
+    except PredictError as e:   # name the user's path, not the temporary copy
+      raise PredictError(str(e).replace(media_path, input_path)) from None
+
+
+def _predict(config, workdir: str, input_path: str, *, question: str | None, model,
+             out_dir: str | None, shown_path: str) -> dict:
   kind, windows = load_windows(config, input_path)   # input errors before the model
   question = check_question(question)
+  out_dir = out_dir or paths.join(workdir, "predict")
   if model is None:
     ckpt_lib.require_checkpoint(workdir)
     if len(windows) > 1:
-      ckpt_lib.check_writable(out_dir or os.path.join(workdir, "predict"), "--output_dir")
+      ckpt_lib.check_writable(out_dir, "--output_dir")
   tok, qtok = task_lib.tokenizers(task_lib.prepare_data(config, workdir, generate=False))
   prompts = _Prompts(config, input_path, kind, tok, qtok, question)
   if model is None:
-    from emo_jax.train import loop
     _, model, _ = loop.restore_trained(config, workdir)
   scorer = eval_lib.Scorer(model, max_new_tokens=config.predict.max_new_tokens,
                            eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -343,7 +360,7 @@ def predict(config, workdir: str, input_path: str, *, question: str | None = Non
   timeline = score_windows(scorer, prompts, windows, tok.pad_id)
   emotion, probs, w = summarize(timeline, prompts.classes)
   answer = generate_answer(scorer, prompts, windows[w][2], tok)
-  result: dict[str, Any] = {"input": input_path, "kind": kind,
+  result: dict[str, Any] = {"input": shown_path, "kind": kind,
                             "question": prompts.user[len(IMAGE_TOKEN) + 1:],
                             "answer": answer, "emotion": emotion,
                             "probability": probs[emotion], "probs": probs}
@@ -353,9 +370,8 @@ def predict(config, workdir: str, input_path: str, *, question: str | None = Non
     result["answer_window"] = {"start": timeline[w]["start"], "end": timeline[w]["end"]}
     print(f"(answer generated on {timeline[w]['start']:g}-{timeline[w]['end']:g} s, the "
           f"window where {emotion} is most likely)")
-    jpath, ppath = write_timeline(timeline, prompts.classes, input_path,
-                                  config.predict.window_secs,
-                                  out_dir or os.path.join(workdir, "predict"), prompts.name)
+    jpath, ppath = write_timeline(timeline, prompts.classes, shown_path,
+                                  config.predict.window_secs, out_dir, prompts.name)
     result.update(timeline=timeline, timeline_json=jpath, timeline_png=ppath)
     print(f"timeline: {len(timeline)} windows -> {jpath}, {ppath}")
   if synthetic_only(config):

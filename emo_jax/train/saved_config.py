@@ -16,30 +16,29 @@ from typing import Any
 import ml_collections
 
 from emo_jax.train.errors import ConfigError
+from input_pipeline import paths
 
 CONFIG_FILE = "config.json"
 SAVED_SECTIONS = ("seed", "model", "init", "data")
 
 
 def path(workdir: str) -> str:
-  return os.path.join(workdir, CONFIG_FILE)
+  return paths.join(workdir, CONFIG_FILE)
 
 
 def write(config, workdir: str) -> str:
   """Training's record of its config (process 0 only is the caller's business)."""
   p = path(workdir)
-  with open(p, "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  paths.write_text(p, config.to_json_best_effort(indent=1))
   return p
 
 
 def read(workdir: str) -> dict | None:
   p = path(workdir)
-  if not os.path.isfile(p):
+  if not paths.isfile(p):
     return None
   try:
-    with open(p) as f:
-      d = json.load(f)
+    d = json.loads(paths.read_text(p))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ConfigError(f"{p}: not a readable config ({e}); pass --nouse_saved_config to use "
                       "the command line's config") from None

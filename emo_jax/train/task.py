@@ -20,6 +20,7 @@ from emo_jax.models import emo_llama
 from emo_jax.train import assets
 from emo_jax.train.errors import ConfigError
 from input_pipeline import datasets as datasets_lib
+from input_pipeline import paths as paths_lib
 from input_pipeline import pipeline as pipeline_lib
 from input_pipeline import tokenizers as tokenizers_lib
 from input_pipeline.contract import MODEL_KEYS
@@ -30,8 +31,25 @@ def _plain(x: Any) -> Any:
 
 
 def data_root(config, workdir: str) -> str:
-  root = config.data.root or os.path.join(workdir, "data")
-  return os.path.abspath(os.path.expanduser(root))
+  """config.data.root, else <workdir>/data. The dataset readers read local files: with a
+  cloud workdir, generated synthetic data goes to a local cache folder instead, and real
+  datasets must be copied or mounted (launch.tpu_vm data) and named by config.data.root."""
+  root = config.data.root
+  if not root:
+    if paths_lib.is_remote(workdir) and _generates_synthetic(config):
+      s = config.data.synthetic
+      return paths_lib.cache_dir("synthetic", f"n{s.num_images}_c{s.num_clips}_s{s.seed}_"
+                                 f"i{s.get('image_size', 112)}")
+    root = paths_lib.join(workdir, "data")
+  if paths_lib.is_remote(root):
+    raise ValueError(f"data root {root!r} is a URL, but the dataset readers read local files: "
+                     "copy or mount it (python -m launch.tpu_vm data) and pass the local "
+                     "folder as --config.data.root")
+  return paths_lib.resolve(root)
+
+
+def _generates_synthetic(config) -> bool:
+  return bool(config.data.get("synthetic") and config.data.synthetic.get("generate", False))
 
 
 def prepare_data(config, workdir: str, *, generate: bool = True) -> dict[str, str]:
@@ -40,8 +58,11 @@ def prepare_data(config, workdir: str, *, generate: bool = True) -> dict[str, st
   generate=False: they use what training made and create nothing."""
   root = data_root(config, workdir)
   paths = {"tokenizer": config.data.tokenizer, "qformer_vocab": config.data.qformer_vocab}
-  if config.data.get("synthetic") and config.data.synthetic.get("generate", False):
-    if generate and jax.process_index() == 0:
+  if _generates_synthetic(config):
+    # A cloud workdir's synthetic data lives in each host's local cache (not in the
+    # workdir): every process makes (or finds) its own copy, in any mode. Otherwise
+    # process 0 of a training run makes it in the shared root.
+    if paths_lib.is_remote(workdir) or (generate and jax.process_index() == 0):
       made = assets.ensure_default_data(
           root, num_images=config.data.synthetic.num_images,
           num_clips=config.data.synthetic.num_clips, seed=config.data.synthetic.seed,
@@ -54,7 +75,7 @@ def prepare_data(config, workdir: str, *, generate: bool = True) -> dict[str, st
               "qformer_vocab": os.path.join(root, "vocab.txt")}
     paths = {k: paths[k] or made[k] for k in paths}
   for k, p in paths.items():
-    if not p or not os.path.exists(p):
+    if not p or not paths_lib.exists(p):
       raise ConfigError(f"config.data.{k} = {p!r} does not exist")
   return paths
 
@@ -171,7 +192,11 @@ def load_split(spec: Mapping[str, Any], root: str, skips: SkipCounter, split: st
   """Records of one dataset entry of config.data.train / config.data.eval."""
   spec = dict(_plain(spec))
   name = spec.pop("name")
-  ds_root = spec.pop("root", "") or root
+  # A dataset's own root (and FERID's media_root) may be relative to the data root.
+  own = spec.pop("root", "")
+  ds_root = os.path.join(root, own) if own else root
+  if spec.get("media_root"):
+    spec["media_root"] = os.path.normpath(os.path.join(root, spec["media_root"]))
   spec.pop("folds", None)
   spec.pop("split", None)
   spec.pop("label", None)
