@@ -16,6 +16,7 @@ import json
 import os
 import re
 
+import sentencepiece as spm
 from absl import logging
 
 from emo_jax.train.errors import ConfigError

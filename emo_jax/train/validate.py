@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from emo_jax import dtypes
 from emo_jax.train.errors import ConfigError
-from emo_jax.train.task import DTYPES
 
 MODES = ("train", "eval", "predict", "export")
 EVAL_MODES = ("generate", "likelihood")
@@ -47,8 +47,11 @@ def _dtype(config, key: str) -> None:
   v = _get(config, key)
   if v is None or not isinstance(v, str):
     return
-  if v not in DTYPES:
-    raise ConfigError(f"config.{key} = {v!r} is not a dtype name; use one of {sorted(DTYPES)}")
+  try:
+    dtypes.to_dtype(v)
+  except ValueError:
+    raise ConfigError(f"config.{key} = {v!r} is not a dtype name; use one of "
+                      f"{list(dtypes.NAMES)}") from None
 
 
 def _choices(config, key: str, allowed, *, many: bool = False) -> None:
