@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices, fp32 matmuls, before jax is imported anywhere."""
+"""Test setup: 8 fake CPU devices, fp32 matmuls, before jax is imported anywhere; and the
+fixtures many test files share (tiny tokenizers, built once per session)."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -11,5 +12,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model(tmp_path_factory) -> str:
+  """Path of a tiny LLaMA-style SentencePiece model (tokenizer_testutil)."""
+  from tokenizer_testutil import train_sentencepiece
+  return train_sentencepiece(tmp_path_factory.mktemp("sentencepiece"))
+
+
+@pytest.fixture(scope="session")
+def bert_vocab(tmp_path_factory) -> str:
+  """Path of a small BERT WordPiece vocab.txt (tokenizer_testutil.BERT_VOCAB)."""
+  from tokenizer_testutil import write_bert_vocab
+  return write_bert_vocab(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="session")
+def llama_tok(sentencepiece_model):
+  from input_pipeline import tokenizers
+  return tokenizers.LlamaTokenizer(sentencepiece_model)
+
+
+@pytest.fixture(scope="session")
+def toks(llama_tok, bert_vocab):
+  """(LlamaTokenizer, BertTokenizer): the pair the pipeline tests tokenize with."""
+  from input_pipeline import tokenizers
+  return llama_tok, tokenizers.BertTokenizer(bert_vocab)

@@ -12,13 +12,9 @@ from emo_jax.convert import hf
 from emo_jax.convert.eva import load_eva_vit
 from emo_jax.convert.safetensors_io import CheckpointError
 
-from vision_testutil import TorchEva  # the LAVIS-structured torch reference
+from vision_testutil import TorchEva, max_diff  # TorchEva: the LAVIS-structured torch reference
 
 TOL = 1e-4
-
-
-def _max_diff(a, b):
-  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 def _nchw(x):
@@ -40,7 +36,7 @@ def test_load_clip_vision_from_clip_vision_model_dir(tmp_path):
     want = tm(_nchw(x)).last_hidden_state
   got = m(jnp.asarray(x))
   assert got.shape == (2, 17, 32)
-  assert _max_diff(got, want) <= TOL
+  assert max_diff(got, want) <= TOL
 
 
 def test_load_clip_vision_from_full_clip_model_dir_skips_text_tower(tmp_path):
@@ -56,7 +52,7 @@ def test_load_clip_vision_from_full_clip_model_dir_skips_text_tower(tmp_path):
   x = np.random.RandomState(1).randn(1, 16, 16, 3).astype(np.float32)
   with torch.no_grad():
     want = tm.vision_model(_nchw(x), output_hidden_states=True).hidden_states[-2]
-  assert _max_diff(m(jnp.asarray(x)), want) <= TOL
+  assert max_diff(m(jnp.asarray(x)), want) <= TOL
 
 
 def test_load_clip_vision_rejects_non_clip_and_missing_weights(tmp_path):
@@ -107,10 +103,10 @@ def test_load_instructblip_qformer_matches_hf(tmp_path):
                       encoder_hidden_states=torch.from_numpy(enc)).last_hidden_state[:, :4]
   got = m(None, jnp.asarray(ids), jnp.asarray(full_mask.numpy()), jnp.asarray(enc))
   assert got.shape == (b, 4, 32)
-  assert _max_diff(got, want) <= TOL
+  assert max_diff(got, want) <= TOL
   got_explicit = m(jnp.asarray(q.numpy()), jnp.asarray(ids), jnp.asarray(text_mask),
                    jnp.asarray(enc))
-  assert _max_diff(got_explicit, want) <= TOL
+  assert max_diff(got_explicit, want) <= TOL
 
 
 def _eva_state(seed=4):
@@ -129,11 +125,11 @@ def test_load_eva_from_safetensors_and_from_pth_behind_allow_pickle(tmp_path):
   with torch.no_grad():
     outs = ref(_nchw(x))
   m = load_eva_vit(str(st), num_attention_heads=4)  # default: all blocks but the last (LAVIS)
-  assert _max_diff(m(jnp.asarray(x)), outs[-2]) <= TOL
+  assert max_diff(m(jnp.asarray(x)), outs[-2]) <= TOL
   with pytest.raises(CheckpointError, match="allow_pickle"):
     load_eva_vit(str(pth), num_attention_heads=4)
   m_pth = load_eva_vit(str(pth), allow_pickle=True, num_attention_heads=4, feature_layer=-1)
-  assert _max_diff(m_pth(jnp.asarray(x)), outs[-1]) <= TOL
+  assert max_diff(m_pth(jnp.asarray(x)), outs[-1]) <= TOL
 
 
 def test_load_eva_resizes_position_table_like_lavis(tmp_path):
@@ -151,7 +147,7 @@ def test_load_eva_resizes_position_table_like_lavis(tmp_path):
   x = np.random.RandomState(7).randn(1, 24, 24, 3).astype(np.float32)
   with torch.no_grad():
     want = ref(_nchw(x))[-2]
-  assert _max_diff(m(jnp.asarray(x)), want) <= TOL
+  assert max_diff(m(jnp.asarray(x)), want) <= TOL
 
 
 def test_load_eva_rejects_unknown_tensors_and_bf16_loads(tmp_path):
@@ -200,7 +196,7 @@ def test_load_qformer_into_model_with_bigger_vocab_and_eva_load_into(tmp_path):
                       query_embeds=q, encoder_hidden_states=torch.from_numpy(enc)
                       ).last_hidden_state[:, :4]
   got = host.vlm_att_encoder(host.vlm_att_query[...], jnp.asarray(ids), None, jnp.asarray(enc))
-  assert _max_diff(got, want) <= TOL
+  assert max_diff(got, want) <= TOL
 
   ref, sd = _eva_state(seed=11)
   safetensors.numpy.save_file(sd, str(tmp_path / "eva.safetensors"))
@@ -212,4 +208,4 @@ def test_load_qformer_into_model_with_bigger_vocab_and_eva_load_into(tmp_path):
   x = np.random.RandomState(12).randn(1, 16, 16, 3).astype(np.float32)
   with torch.no_grad():
     want = ref(_nchw(x))[1]
-  assert _max_diff(vit(jnp.asarray(x)), want) <= TOL
+  assert max_diff(vit(jnp.asarray(x)), want) <= TOL

@@ -1,5 +1,5 @@
-"""Frozen-prior mode (issue 7): priors precomputed once per sample give the same loss as
-running the frozen face prior inside EmoLlama on `face_crops` every step."""
+"""Frozen-prior mode (docs/FROZEN_PRIORS.md): priors precomputed once per sample give the
+same loss as running the frozen face prior inside EmoLlama on `face_crops` every step."""
 import dataclasses
 
 import jax
@@ -7,23 +7,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emo_jax.models import emo_llama
-from input_pipeline import datasets, media, pipeline, synthetic, tokenizers
 from emo_jax.jobs import precompute_priors as pp
+from emo_jax.models import emo_llama
+from input_pipeline import datasets, media, pipeline, synthetic
 from input_pipeline.prior_store import PriorStore
 from input_pipeline.records import BadInputError, SkipCounter
-from tests.test_tokenizers_template import BERT_VOCAB, train_sentencepiece
+from tokenizer_testutil import BERT_VOCAB
 
 NUM_FRAMES = 2
 LENGTH = 256
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, toks):
   d = tmp_path_factory.mktemp("frozen_priors")
-  (d / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
-  llama = tokenizers.LlamaTokenizer(train_sentencepiece(d))
-  bert = tokenizers.BertTokenizer(str(d / "vocab.txt"))
+  llama, bert = toks
   root = str(d / "data")
   synthetic.generate(root, num_images=4, num_clips=2, image_size=40, clip_size=40,
                      clip_frames=6, conversation_fraction=0.0)

@@ -6,19 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from input_pipeline import labels, media, pipeline, template, tokenizers
+from input_pipeline import labels, media, pipeline, template
 from input_pipeline.records import BadInputError, Record, SkipCounter
-from tests.test_tokenizers_template import BERT_VOCAB, train_sentencepiece
 
 SIZE = 16
-
-
-@pytest.fixture(scope="module")
-def toks(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tok")
-  (d / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
-  return (tokenizers.LlamaTokenizer(train_sentencepiece(d)),
-          tokenizers.BertTokenizer(str(d / "vocab.txt")))
 
 
 def write_video(path, num_frames, size=32, seed=0):

@@ -5,9 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from input_pipeline import datasets, media, pipeline, preprocess, synthetic, tokenizers
+from input_pipeline import datasets, media, pipeline, preprocess, synthetic
 from input_pipeline.records import BadInputError, Record, SkipCounter
-from tests.test_tokenizers_template import BERT_VOCAB, train_sentencepiece
 
 
 @pytest.fixture(scope="module")
@@ -15,14 +14,6 @@ def synth(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("synth"))
   synthetic.generate(root, num_images=6, num_clips=2, seed=0)
   return root
-
-
-@pytest.fixture(scope="module")
-def toks(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tok")
-  (d / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
-  return (tokenizers.LlamaTokenizer(train_sentencepiece(d)),
-          tokenizers.BertTokenizer(str(d / "vocab.txt")))
 
 
 XCFG = preprocess.ExtractConfig(num_frames=3, image_size=24, face_size=16)

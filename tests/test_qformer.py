@@ -8,13 +8,10 @@ from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
 
 from emo_jax.convert.vision_hf import qformer_config_from_state_dict, qformer_from_state_dict
 from emo_jax.models.qformer import InstructBlipQFormer, QFormerConfig, QFormerModel
+from vision_testutil import max_diff
 
 TOL = 1e-4
 B, Q, T, N, CV = 2, 4, 5, 6, 24
-
-
-def _max_diff(a, b):
-  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +56,23 @@ def test_query_outputs_with_text_and_padding_match_hf(ref):
   got = model.qformer(jnp.asarray(x["q"]), jnp.asarray(x["ids"]), jnp.asarray(full_mask),
                       jnp.asarray(x["enc"]))
   assert got.shape == (B, Q, 32)
-  assert _max_diff(got, want) <= TOL
+  assert max_diff(got, want) <= TOL
   # A [B, T] text mask means the same as [B, Q+T] with the queries unmasked.
   got_t = model.qformer(jnp.asarray(x["q"]), jnp.asarray(x["ids"]),
                         jnp.asarray(x["text_mask"]), jnp.asarray(x["enc"]))
-  assert _max_diff(got_t, want) <= 1e-6
+  assert max_diff(got_t, want) <= 1e-6
   # Masked text positions do not matter: change their ids.
   ids2 = x["ids"].copy()
   ids2[1, 3:] = 7
   got2 = model.qformer(jnp.asarray(x["q"]), jnp.asarray(ids2), jnp.asarray(full_mask),
                        jnp.asarray(x["enc"]))
-  assert _max_diff(got2, got) <= 1e-6
+  assert max_diff(got2, got) <= 1e-6
   # ...but unmasked ones do (the text really steers the queries).
   ids3 = x["ids"].copy()
   ids3[1, 0] = (ids3[1, 0] + 1) % 50
   got3 = model.qformer(jnp.asarray(x["q"]), jnp.asarray(ids3), jnp.asarray(full_mask),
                        jnp.asarray(x["enc"]))
-  assert _max_diff(got3[1], got[1]) > 1e-4 and _max_diff(got3[0], got[0]) <= 1e-6
+  assert max_diff(got3[1], got[1]) > 1e-4 and max_diff(got3[0], got[0]) <= 1e-6
 
 
 def test_encoder_mask_and_query_only_match_hf(ref):
@@ -83,7 +80,7 @@ def test_encoder_mask_and_query_only_match_hf(ref):
   want = _hf(tm, x["q"], None, None, x["enc"], x["enc_mask"])
   got = model.qformer(jnp.asarray(x["q"]), None, None, jnp.asarray(x["enc"]),
                       jnp.asarray(x["enc_mask"]))
-  assert _max_diff(got, want) <= TOL
+  assert max_diff(got, want) <= TOL
 
 
 def test_text_only_path_matches_hf(ref):
@@ -92,7 +89,7 @@ def test_text_only_path_matches_hf(ref):
   got = model.qformer(None, jnp.asarray(x["ids"]), jnp.asarray(x["text_mask"]), None)
   assert got.shape == (B, T, 32)
   # Compare only unpadded rows' positions (padded query rows are unconstrained garbage in both).
-  assert _max_diff(got * x["text_mask"][..., None], want.numpy() * x["text_mask"][..., None]) <= TOL
+  assert max_diff(got * x["text_mask"][..., None], want.numpy() * x["text_mask"][..., None]) <= TOL
 
 
 def test_learned_query_tokens_used_when_none_given(ref):
@@ -101,7 +98,7 @@ def test_learned_query_tokens_used_when_none_given(ref):
   qt = np.broadcast_to(sd["query_tokens"], (B, Q, 32)).copy()
   want = _hf(tm, qt, x["ids"], full_mask, x["enc"])[:, :Q]
   got = model(None, jnp.asarray(x["ids"]), jnp.asarray(x["text_mask"]), jnp.asarray(x["enc"]))
-  assert _max_diff(got, want) <= TOL
+  assert max_diff(got, want) <= TOL
 
 
 def test_llama_vid_layout_config_inference_and_remat(ref):
@@ -132,7 +129,7 @@ def test_llama_vid_layout_config_inference_and_remat(ref):
   want = _hf(tm, x["q"], x["ids"], full_mask, x["enc"])[:, :Q]
   got = m(jnp.asarray(x["q"]), jnp.asarray(x["ids"]), jnp.asarray(x["text_mask"]),
           jnp.asarray(x["enc"]))
-  assert _max_diff(got, want) <= TOL
+  assert max_diff(got, want) <= TOL
 
 
 def test_structure_names_and_errors():

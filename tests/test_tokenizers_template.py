@@ -1,54 +1,11 @@
 """LLaMA SentencePiece + BERT WordPiece tokenizers, the vicuna_v1 template, instructions."""
 import pickle
-import random
 
 import numpy as np
 import pytest
 
 from input_pipeline import instructions, labels, template, tokenizers
 from input_pipeline.records import BadInputError, Record
-
-_WORDS = ("the a person face image video what is facial expression of in choose one from "
-          "following options happy sad angry surprise fear disgust neutral contempt happiness "
-          "sadness anger anxiety chat between curious user and artificial intelligence "
-          "assistant gives helpful detailed polite answers to questions looks smiling brows "
-          "raised mouth open eyes wide she he they USER ASSISTANT").split()
-
-
-def train_sentencepiece(path, seed=0, vocab_size=400):
-  """A tiny LLaMA-style BPE model (unk 0, bos 1, eos 2, no pad, byte fallback)."""
-  import sentencepiece as spm
-
-  rng = random.Random(seed)
-  lines = [template.VICUNA_V1.system] * 5
-  for _ in range(500):
-    n = rng.randint(3, 14)
-    lines.append(" ".join(rng.choice(_WORDS) for _ in range(n)) + rng.choice(".?,:!"))
-  prefix = str(path / "tokenizer")
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size,
-      model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-      normalization_rule_name="identity", remove_extra_whitespaces=False,
-      add_dummy_prefix=True, split_digits=True, character_coverage=1.0, minloglevel=2)
-  return prefix + ".model"
-
-
-BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "is", "the", "facial",
-              "expression", "of", "person", "in", "image", "video", "?", ".", ",", "{", "}",
-              ":", "choose", "one", "from", "following", "options", "happy", "sad", "##ness",
-              "surprise", "##d", "fear", "##ful", "a", "face", "cafe", "un", "##known"]
-
-
-@pytest.fixture(scope="module")
-def llama_tok(tmp_path_factory):
-  return tokenizers.LlamaTokenizer(train_sentencepiece(tmp_path_factory.mktemp("sp")))
-
-
-@pytest.fixture(scope="module")
-def bert_vocab(tmp_path_factory):
-  path = tmp_path_factory.mktemp("bert") / "vocab.txt"
-  path.write_text("\n".join(BERT_VOCAB) + "\n")
-  return str(path)
 
 
 def test_llama_tokenizer_ids_and_pickle(llama_tok):

@@ -11,13 +11,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from emo_jax.convert.eva import eva_config_from_state_dict, eva_from_state_dict
 from emo_jax.convert.vision_hf import clip_vision_from_state_dict
 from emo_jax.models.vit import VisionConfig, VisionTransformer, interpolate_pos_embed
-from vision_testutil import TorchEva
+from vision_testutil import TorchEva, max_diff
 
 TOL = 1e-4
-
-
-def _max_diff(a, b):
-  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 # ----------------------------------------------------------------------------- CLIP
@@ -47,8 +43,8 @@ def test_clip_last_hidden_state_and_pooled_match_hf(clip):
   m = clip_vision_from_state_dict(sd, cfg)
   y = m(jnp.asarray(x))
   assert y.shape == tuple(out.last_hidden_state.shape) == (2, 17, 32)
-  assert _max_diff(y, out.last_hidden_state) <= TOL
-  assert _max_diff(m.pooled(y), out.pooler_output) <= TOL
+  assert max_diff(y, out.last_hidden_state) <= TOL
+  assert max_diff(m.pooled(y), out.pooler_output) <= TOL
 
 
 @pytest.mark.parametrize("feature_layer,hf_index", [(-2, -2), (0, 0)])
@@ -58,7 +54,7 @@ def test_clip_intermediate_feature_layer_matches_hf_hidden_states(clip, feature_
   m = clip_vision_from_state_dict(sd, cfg)
   # Only the blocks needed are built.
   assert len(m.encoder.layers) == cfg.num_used_layers < hc.num_hidden_layers
-  assert _max_diff(m(jnp.asarray(x)), out.hidden_states[hf_index]) <= TOL
+  assert max_diff(m(jnp.asarray(x)), out.hidden_states[hf_index]) <= TOL
 
 
 def test_clip_interpolated_positions_match_hf(clip):
@@ -70,7 +66,7 @@ def test_clip_interpolated_positions_match_hf(clip):
   assert y.shape == (1, 1 + 6 * 5, 32)
   with torch.no_grad():
     ref = tm(torch.from_numpy(x).permute(0, 3, 1, 2), interpolate_pos_encoding=True)
-  assert _max_diff(y, ref.last_hidden_state) <= TOL
+  assert max_diff(y, ref.last_hidden_state) <= TOL
   off = VisionConfig.from_hf_clip_dict(hc.to_dict(), interpolate_pos_encoding=False)
   with pytest.raises(ValueError, match="interpolate_pos_encoding"):
     clip_vision_from_state_dict(sd, off)(jnp.asarray(x))
@@ -86,7 +82,7 @@ def test_bicubic_helper_equals_torch_interpolate():
     ref = ref.permute(0, 2, 3, 1).reshape(-1, 3).numpy()
     assert got.shape == (1 + new[0] * new[1], 3)
     np.testing.assert_array_equal(np.asarray(got[0]), pos[0])
-    assert _max_diff(got[1:], ref) <= 1e-5
+    assert max_diff(got[1:], ref) <= 1e-5
 
 
 def test_scan_and_remat_equal_layer_loop_with_gradients(clip):
@@ -96,7 +92,7 @@ def test_scan_and_remat_equal_layer_loop_with_gradients(clip):
       sd, VisionConfig.from_hf_clip_dict(hc.to_dict(), scan_layers=True, remat=True))
   k = scan.encoder.layers.self_attn.q_proj.kernel
   assert k.shape == (3, 32, 32) and k.get_metadata()["out_sharding"][0] == "layers"
-  assert _max_diff(scan(jnp.asarray(x)), out.last_hidden_state) <= TOL
+  assert max_diff(scan(jnp.asarray(x)), out.last_hidden_state) <= TOL
 
   def loss(model):
     return jnp.sum(model(jnp.asarray(x)) ** 2)
@@ -106,7 +102,7 @@ def test_scan_and_remat_equal_layer_loop_with_gradients(clip):
   gl = g_loop["encoder"]["layers"][1]["mlp"]["fc1"]["kernel"][...]
   gs = g_scan["encoder"]["layers"]["mlp"]["fc1"]["kernel"][...][1]
   assert float(jnp.max(jnp.abs(gl))) > 0
-  assert _max_diff(gl, gs) <= 1e-3 * float(jnp.max(jnp.abs(gl)))
+  assert max_diff(gl, gs) <= 1e-3 * float(jnp.max(jnp.abs(gl)))
 
 
 def test_every_param_has_logical_axes_of_its_rank():
@@ -155,7 +151,7 @@ def test_eva_matches_torch_reference_at_feature_layer():
     outs = ref(torch.from_numpy(x).permute(0, 3, 1, 2))
   y = m(jnp.asarray(x))
   assert y.shape == (2, 17, 32)
-  assert _max_diff(y, outs[1]) <= TOL
+  assert max_diff(y, outs[1]) <= TOL
   # The bias layout matters: a k bias of zero, not v_bias shifted.
   assert float(jnp.abs(m.encoder.layers[0].self_attn.v_proj.bias[...]).max()) > 0
   assert jax.tree.leaves(m.encoder.layers[0].self_attn.k_proj)  # has a kernel, no bias

@@ -1,10 +1,17 @@
-"""Torch reference of the LAVIS EVA-ViT-G structure, for the vision parity tests.
+"""Torch reference of the LAVIS EVA-ViT-G structure and a difference helper, for the vision
+parity tests.
 
 Written from the LAVIS layout (parameter names = the eva_vit_g.pth keys): patch conv with
 bias, class token, learned absolute positions, pre-LN blocks (eps 1e-6), qkv without bias plus
 cat(q_bias, 0, v_bias), exact GELU, no final norm.
 """
+import numpy as np
 import torch
+
+
+def max_diff(a, b) -> float:
+  """Largest absolute difference, computed in float64."""
+  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 class TorchEvaAttention(torch.nn.Module):
