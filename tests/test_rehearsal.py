@@ -35,7 +35,7 @@ from input_pipeline import paths
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAKE = ROOT / "tests" / "fake_cloud"
 STEPS = 6
-TIMEOUT_S = 600
+TIMEOUT_S = 1800   # per wait: generous, for a loaded machine (the steps wait on compiles)
 B = f"gs://{cloud_testutil.BUCKET}"
 
 
