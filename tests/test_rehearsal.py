@@ -134,7 +134,8 @@ def test_two_host_rehearsal_kill_and_resume(tmp_path):
                      f"--data_gcs={B}/fer", f"--workdir={ref_wd}", "--delete_after"], env)
     procs.append(ref)
     out = ref.communicate(timeout=TIMEOUT_S)[0]
-    assert ref.returncode == 0, out[-4000:]
+    assert ref.returncode == 0, out[-3000:] + "".join(
+        f"\n--- worker {i} log:\n" + _log(fake_root, "ref", i, "ref")[-3000:] for i in range(2))
     assert _committed(ref_wd, STEPS)
     assert not (fake_root / "ref.json").exists()   # --delete_after deleted it
 
