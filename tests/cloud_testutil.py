@@ -20,7 +20,9 @@ The emulator runs from this file (`serve`), with two changes to gcp-storage-emul
 at start-up: media downloads carry the `x-goog-generation` / `x-goog-metageneration`
 headers real GCS sends (tensorstore's conditional writes read the generation from them
 and fail with "Malformed StorageGeneration" without), and the in-memory store does not
-re-serialise its whole object table after every write.
+re-serialise its whole object table after every write. With `EMULATOR_HOLD_FILE` set, a
+request naming the text in that file waits while the file exists (a test's way to stop a
+writer at a known point, e.g. before a checkpoint step).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 BUCKET = "bucket"
@@ -54,12 +57,13 @@ def client_env(url: str) -> dict[str, str]:
 class Emulator:
   """`python -m gcp_storage_emulator start` in memory, with `BUCKET` created."""
 
-  def __init__(self, log_path: str):
+  def __init__(self, log_path: str, hold_file: str | None = None):
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self._log = open(log_path, "wb")
+    env = dict(os.environ, **({"EMULATOR_HOLD_FILE": hold_file} if hold_file else {}))
     self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(self.port)],
-                                 stdout=self._log, stderr=subprocess.STDOUT)
+                                 stdout=self._log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 60
     while True:
       try:
@@ -125,6 +129,26 @@ def serve(port: int) -> None:
   server_lib.HANDLERS = tuple(
       (regex, {m: (download if h is plain_download else h) for m, h in handlers.items()})
       for regex, handlers in server_lib.HANDLERS)
+  hold = os.environ.get("EMULATOR_HOLD_FILE")
+  if hold:
+    plain_handle = server_lib.Router.handle
+
+    def handle(self, method):
+      # While the file `hold` exists, a request whose URL names the text in it waits (a
+      # stalled bucket: the test can stop writers at a known point); `hold`.engaged says so.
+      url = urllib.parse.unquote(self._request_handler.path)
+      if os.path.exists(hold):
+        try:
+          pattern = open(hold).read().strip()
+        except OSError:
+          pattern = ""
+        if pattern and pattern in url:
+          open(hold + ".engaged", "w").close()
+          while os.path.exists(hold):
+            time.sleep(0.05)
+      return plain_handle(self, method)
+
+    server_lib.Router.handle = handle
   logging.basicConfig(level=logging.CRITICAL)
   server = server_lib.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
   server.run()
