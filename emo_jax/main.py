@@ -7,6 +7,8 @@
     python -m emo_jax.main --config=configs/default.py --workdir=./workdir --mode=predict \\
         --input=face.jpg [--question="How does she feel?"]
     python -m emo_jax.main --config=configs/default.py --workdir=./workdir --mode=export
+    python -m emo_jax.main --config=configs/posttrain.py --workdir=./grpo --mode=grpo \\
+        --config.grpo.init_workdir=./workdir      # also --mode=dpo (docs/POST_TRAINING.md)
 
 Multi-host (Cloud TPU pods, several GPU hosts): `jax.distributed.initialize()` runs when
 --coordinator_address is given or the environment names a coordinator
@@ -27,7 +29,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<file>.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, reports, exports).")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "dpo", "grpo"],
+                  "What to do (dpo / grpo: post-training, emo_jax.posttrain).")
 flags.DEFINE_string("input", None, "predict: an image or video file.")
 flags.DEFINE_string("question", None, "predict: the question (default: the category one).")
 flags.DEFINE_string("export_dir", None, "export: output folder (default <workdir>/export).")
@@ -85,6 +88,9 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
       summary["export"] = export.export(config, workdir, model=model,
                                         out_dir=export_dir or os.path.join(workdir, "export"))
     return summary
+  if mode in ("dpo", "grpo"):
+    from emo_jax.posttrain import runner
+    return runner.run(config, workdir, mode)
   if mode == "eval":
     return {"eval": evaluate.evaluate(config, workdir)}
   if mode == "predict":
