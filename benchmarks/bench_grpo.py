@@ -36,10 +36,18 @@ RESULTS = REPO / "benchmarks" / "results"
 def _memory_plan():
   """The memory plan module (one import place: it lives in emo_jax.perf on newer trees)."""
   try:
-    from emo_jax.perf import memory_plan
-  except ImportError:
     from emo_jax import memory_plan
+  except ImportError:
+    from emo_jax.perf import memory_plan
   return memory_plan
+
+
+def _force_devices(n: int) -> None:
+  """n fake CPU devices; before jax's backend starts."""
+  keep = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  os.environ["XLA_FLAGS"] = " ".join(keep + [f"--xla_force_host_platform_device_count={n}"])
+  os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def _config(arg):
@@ -129,8 +137,8 @@ def tiny(args):
 
 
 def plan_7b(args):
+  _force_devices(args.devices)
   mp = _memory_plan()
-  mp._force_devices(args.devices)   # pylint: disable=protected-access
   import jax
   import jax.numpy as jnp
   from emo_jax import sharding as sharding_lib

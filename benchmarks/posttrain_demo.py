@@ -2,10 +2,11 @@
 and, separately, DPO from its checkpoint; test UAR / WAR before and after, reward curves.
 
     python benchmarks/posttrain_demo.py --workdir=/tmp/posttrain_demo \\
-        [--sft_steps=150 --grpo_steps=150 --dpo_steps=150]
+        [--sft_steps=400 --grpo_steps=150 --dpo_steps=150 --eval_modes=generate]
 
 Every stage is the main command (`python -m emo_jax.main`), run in a subprocess and timed:
-  1. SFT with configs/default.py for --sft_steps steps (of the default's 2400), evaluated;
+  1. SFT with configs/default.py for --sft_steps steps (of the default's 2400), evaluated
+     (--skip_sft reuses <workdir>/sft and its sft_summary.json from an earlier run);
   2. GRPO (configs/posttrain.py, --mode=grpo) from the SFT checkpoint, evaluated;
   3. DPO (--mode=dpo, ambiguity-aware pairs built from the training labels), evaluated.
 Writes benchmarks/results/posttrain_demo.{json,md} and posttrain_demo_rewards.png (GRPO's
@@ -82,17 +83,21 @@ def _plot(grpo_log, dpo_log, path):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--workdir", required=True)
-  ap.add_argument("--sft_steps", type=int, default=150)
+  ap.add_argument("--sft_steps", type=int, default=400)
   ap.add_argument("--grpo_steps", type=int, default=150)
   ap.add_argument("--dpo_steps", type=int, default=150)
-  ap.add_argument("--extra", nargs="*", default=[], help="more --config.x=y for both runs")
+  ap.add_argument("--eval_modes", default="generate",
+                  help="comma list of evaluation modes (generate, likelihood) for every run")
+  ap.add_argument("--extra", action="append", default=[],
+                  help="one more --config.x=y for the post-training runs (repeatable)")
   ap.add_argument("--skip_sft", action="store_true", help="reuse <workdir>/sft")
   a = ap.parse_args()
   wd = os.path.abspath(a.workdir)
   os.makedirs(wd, exist_ok=True)
   sft = os.path.join(wd, "sft")
   data = os.path.join(sft, "data")
-  quiet = ["--config.export.at_end=False"]
+  modes = tuple(m for m in a.eval_modes.split(",") if m)
+  quiet = ["--config.export.at_end=False", f"--config.eval.modes={modes!r}"]
   report: dict = {"command": "python benchmarks/posttrain_demo.py " + " ".join(sys.argv[1:]),
                   "cpu_count": os.cpu_count()}
   if a.skip_sft:

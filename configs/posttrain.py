@@ -78,8 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           rewards=("accuracy", "format"), num_steps=1000, lr_scale=0.005)
   else:
     c = _base("default.py", rest)
-    c.dpo = dpo_section(lr_scale=0.25)
-    c.grpo = grpo_section(lr_scale=0.25)
+    c.dpo = dpo_section(lr_scale=0.1)
+    c.grpo = grpo_section(lr_scale=0.05)
     if rest and "test" in rest.split(","):
       c.dpo.update(dict(batch_size=4, num_steps=4))
       c.grpo.update(dict(batch_size=2, num_generations=4, num_steps=4))

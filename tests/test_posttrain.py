@@ -244,7 +244,7 @@ def test_grpo_advantages_and_loss_equal_numpy(loss_type, scale):
 def test_grpo_loss_fn_on_the_model_equals_numpy(cfg, model):
   """Fixed rollouts through the model: completion log-probs read at the right positions,
   one media encoding per prompt, and the loss of train.step's (sum, weight) as numpy's."""
-  b0 = dummy_batch(cfg, (1, 3), num_frames=F_MAX, seed=5, answer_len=2)
+  b0 = dummy_batch(cfg, (1, 3), num_frames=F_MAX, seed=5, answer_len=3)
   g, n, eos, pad = 3, 4, 2, 0
   prompt = data_lib.prompt_batch(b0, pad)
   rng = np.random.default_rng(2)
@@ -263,9 +263,9 @@ def test_grpo_loss_fn_on_the_model_equals_numpy(cfg, model):
   seqs = ub["seq_input_ids"].reshape(2 * g, -1)
   am = ub["seq_attention_mask"].reshape(2 * g, -1)
   rows = {k: np.repeat(np.asarray(ub[k]), g, 0) for k in logps_lib.MEDIA_KEYS if k in ub}
-  logits = np.asarray(model(dict(rows, input_ids=seqs, attention_mask=am)), np.float64)
+  logits = np.asarray(model(dict(rows, input_ids=seqs, attention_mask=am)), np.float64)[:, :-1]
   lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-  lp = np.take_along_axis(logits, np.maximum(seqs[:, 1:], 0)[..., None], -1)[..., 0] - lse[:, :-1]
+  lp = np.take_along_axis(logits, np.maximum(seqs[:, 1:], 0)[..., None], -1)[..., 0] - lse
   lp = lp[:, p - 1:]
   mask = ub["completion_mask"].reshape(2 * g, n)
   _, want = _np_grpo(lp, lp, lp, rewards, mask, g, 0.1, 0.2, 0.2, "bnpo", True)
