@@ -91,6 +91,11 @@ def main():
   ap.add_argument("--extra", action="append", default=[],
                   help="one more --config.x=y for the post-training runs (repeatable)")
   ap.add_argument("--skip_sft", action="store_true", help="reuse <workdir>/sft")
+  for m in ("grpo", "dpo"):
+    ap.add_argument(f"--{m}_done", default="",
+                    help=f"reuse a finished {m} workdir (its eval/report.json and log) "
+                    "instead of running the stage; with --{m}_wall its measured seconds")
+    ap.add_argument(f"--{m}_wall", type=float, default=None)
   a = ap.parse_args()
   wd = os.path.abspath(a.workdir)
   os.makedirs(wd, exist_ok=True)
@@ -112,8 +117,19 @@ def main():
       json.dump(s, f)
   report["sft"] = {"steps": a.sft_steps, "default_steps": 2400, "wall_s": wall,
                    "eval": _scores(s)}
+  logs: dict = {}
   for mode, steps in (("grpo", a.grpo_steps), ("dpo", a.dpo_steps)):
     w = os.path.join(wd, mode)
+    if getattr(a, f"{mode}_done"):
+      w = os.path.abspath(getattr(a, f"{mode}_done"))
+      with open(os.path.join(w, "eval", "report.json")) as f:
+        ev = json.load(f)
+      summ = {name: {"uar": r["uar"], "war": r["war"]} for name, r in
+              ev["modes"]["generate"].items()} if "generate" in ev["modes"] else {}
+      report[mode] = {"steps": ev["step"], "wall_s": getattr(a, f"{mode}_wall"),
+                      "eval": {"generate": summ}, "workdir": w}
+      logs[mode] = _log(w)
+      continue
     s, wall = _run(["--config=configs/posttrain.py", f"--mode={mode}", f"--workdir={w}",
                     f"--config.{mode}.init_workdir={sft}", f"--config.data.root={data}",
                     f"--config.{mode}.num_steps={steps}", "--config.train.log_every=5",
@@ -121,10 +137,11 @@ def main():
                    os.path.join(wd, f"{mode}.log"))
     report[mode] = {"steps": steps, "wall_s": wall, "eval": _scores(s), "last": s.get("last"),
                     "reference": s.get("reference")}
+    logs[mode] = _log(w)
     print(mode, json.dumps(report[mode]), flush=True)
   os.makedirs(RESULTS, exist_ok=True)
   png = os.path.join(RESULTS, "posttrain_demo_rewards.png")
-  _plot(_log(os.path.join(wd, "grpo")), _log(os.path.join(wd, "dpo")), png)
+  _plot(logs["grpo"], logs["dpo"], png)
   report["rewards_png"] = os.path.relpath(png, REPO)
   with open(os.path.join(RESULTS, "posttrain_demo.json"), "w") as f:
     json.dump(report, f, indent=1)
