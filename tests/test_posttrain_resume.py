@@ -11,6 +11,7 @@ import pytest
 from test_checkpoint_resume import REPO, _final_arrays, _run_until, _summary
 
 NUM_STEPS = 6
+TIMEOUT = 1800   # seconds per subprocess (a loaded 2-core machine)
 
 
 def _cmd(workdir, data_root):
@@ -35,13 +36,13 @@ def _log(workdir):
 def test_grpo_sigkill_resume_is_bitwise(tmp_path):
   assert os.path.isdir(REPO)
   data = str(tmp_path / "data")
-  rc, out = _run_until(_cmd(tmp_path / "ref", data), None, None)
+  rc, out = _run_until(_cmd(tmp_path / "ref", data), None, None, TIMEOUT)
   assert rc == 0, out[-3000:]
   assert _summary(out)["step"] == NUM_STEPS
   kill_at = random.Random(os.getpid()).randint(2, NUM_STEPS - 2)
-  rc, out = _run_until(_cmd(tmp_path / "run", data), kill_at, signal.SIGKILL)
+  rc, out = _run_until(_cmd(tmp_path / "run", data), kill_at, signal.SIGKILL, TIMEOUT)
   assert rc == -signal.SIGKILL, out[-3000:]
-  rc, out = _run_until(_cmd(tmp_path / "run", data), None, None)
+  rc, out = _run_until(_cmd(tmp_path / "run", data), None, None, TIMEOUT)
   assert rc == 0, out[-3000:]
   assert "resumed from step" in out
   ref_step, ref = _final_arrays(tmp_path / "ref")
