@@ -91,6 +91,7 @@ def main():
   ap.add_argument("--extra", action="append", default=[],
                   help="one more --config.x=y for the post-training runs (repeatable)")
   ap.add_argument("--skip_sft", action="store_true", help="reuse <workdir>/sft")
+  ap.add_argument("--note", action="append", default=[], help="a line for the report")
   for m in ("grpo", "dpo"):
     ap.add_argument(f"--{m}_done", default="",
                     help=f"reuse a finished {m} workdir (its eval/report.json and log) "
@@ -143,8 +144,6 @@ def main():
   png = os.path.join(RESULTS, "posttrain_demo_rewards.png")
   _plot(logs["grpo"], logs["dpo"], png)
   report["rewards_png"] = os.path.relpath(png, REPO)
-  with open(os.path.join(RESULTS, "posttrain_demo.json"), "w") as f:
-    json.dump(report, f, indent=1)
   lines = ["# Post-training demonstration (embedded default, CPU)", "",
            f"Command: `{report['command']}` ({report['cpu_count']} CPUs)", "",
            "| run | steps | wall (s) | mode | UAR | WAR |", "|---|---|---|---|---|---|"]
@@ -155,7 +154,10 @@ def main():
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] else "-"
         lines.append(f"| {run} | {r['steps']} | {wall} | {mode} ({name}) | {v['uar']:.4f} "
                      f"| {v['war']:.4f} |")
-  lines += ["", f"Reward curves: `{report['rewards_png']}`", ""]
+  lines += ["", f"Reward curves: `{report['rewards_png']}`", ""] + [f"- {n}" for n in a.note]
+  report["notes"] = a.note
+  with open(os.path.join(RESULTS, "posttrain_demo.json"), "w") as f:
+    json.dump(report, f, indent=1)
   with open(os.path.join(RESULTS, "posttrain_demo.md"), "w") as f:
     f.write("\n".join(lines))
   print("\n".join(lines))
