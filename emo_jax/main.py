@@ -7,6 +7,8 @@
     python -m emo_jax.main --config=configs/default.py --workdir=./workdir --mode=predict \\
         --input=face.jpg [--question="How does she feel?"]
     python -m emo_jax.main --config=configs/default.py --workdir=./workdir --mode=export
+    python -m emo_jax.main --config=configs/posttrain.py --workdir=./grpo --mode=grpo \\
+        --config.grpo.init_workdir=./workdir      # also --mode=dpo (docs/POST_TRAINING.md)
 
 Only training writes `<workdir>/config.json`; eval, predict and export read the workdir
 and use its saved config for the model and data sections (`--nouse_saved_config` to use
@@ -41,7 +43,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<file>.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, reports, exports).")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "dpo", "grpo"],
+                  "What to do (dpo / grpo: post-training, emo_jax.posttrain).")
 flags.DEFINE_string("input", None, "predict: an image or video file.")
 flags.DEFINE_string("question", None, "predict: the question (default: the category one).")
 flags.DEFINE_string("export_dir", None, "export: output folder (default <workdir>/export).")
@@ -107,19 +110,22 @@ def configure_logging() -> None:
     py_logging.getLogger(name).setLevel(py_logging.WARNING)
 
 
+TRAINING_MODES = ("train", "dpo", "grpo")   # the modes that write into the workdir
+
+
 def run(config, workdir: str, mode: str, *, input_path: str | None = None,
         question: str | None = None, export_dir: str | None = None,
         output_dir: str | None = None, use_saved_config: bool = True) -> dict:
   """The main job, callable from Python (tests) as well as from the command line.
 
-  Only `mode='train'` writes into the workdir; the other modes check the settings, the
+  Only the training modes (train, dpo, grpo) write into the workdir; the other modes check the settings, the
   checkpoint and their output folder before any heavy work."""
   import jax
   from emo_jax.train import evaluate, export, loop, predict, saved_config, validate
   from emo_jax.train import checkpoint as ckpt_lib
   from input_pipeline import paths
   workdir = paths.resolve(workdir)   # local: absolute; gs://...: unchanged
-  if mode != "train":
+  if mode not in TRAINING_MODES:
     config = saved_config.resolve(config, workdir, use_saved=use_saved_config)
   validate.validate(config, mode)
   if mode == "train":
@@ -148,6 +154,12 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
       summary["export"] = export.export(config, workdir, model=model,
                                         out_dir=export_dir or paths.join(workdir, "export"))
     return summary
+  if mode in ("dpo", "grpo"):
+    from emo_jax.posttrain import runner  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      paths.makedirs(workdir)
+      saved_config.write(config, workdir)
+    return runner.run(config, workdir, mode)
   if mode == "predict":
     if not input_path:
       raise predict.PredictError("--mode=predict needs --input=<image or video file>")

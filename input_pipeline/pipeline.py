@@ -586,6 +586,8 @@ def make_dataset(
     skips: SkipCounter | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    builder: Callable[[Any, np.random.Generator], dict] | None = None,
+    batch_fn: Callable[[Sequence[dict]], dict] | None = None,
 ) -> grain.IterDataset:
   """The batched IterDataset for this process.
 
@@ -596,6 +598,10 @@ def make_dataset(
     tokenizer / qformer_tokenizer: LLaMA SentencePiece and BERT WordPiece tokenizers.
     skips: counter for skipped inputs (its `strict` makes bad inputs raise instead).
     process_index / process_count: default jax.process_index() / jax.process_count().
+    builder: element -> example (default: an ExampleBuilder of `config`); a builder for
+      other element types (e.g. preference pairs) returns `{SKIP_KEY: (reason, path,
+      detail)}` for a bad element, which is counted as the default builder's skips are.
+    batch_fn: examples -> batch (default: `collate` into `config.bucket_lengths`).
   """
   skips = skips if skips is not None else SkipCounter()
   index, count = _process_info(process_index, process_count)
@@ -607,7 +613,8 @@ def make_dataset(
   local_batch = config.global_batch_size // count
 
   check_prompt_fits(config, tokenizer)
-  builder = ExampleBuilder(config, tokenizer, qformer_tokenizer, strict=skips.strict)
+  if builder is None:
+    builder = ExampleBuilder(config, tokenizer, qformer_tokenizer, strict=skips.strict)
   # Per-example randomness (option order, ...) is keyed by the global position, before the
   # host split, so an example is built identically whatever the number of processes.
   ds = shuffled(source, config).random_map(builder, seed=config.seed + 1)
@@ -620,7 +627,7 @@ def make_dataset(
         num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
   it = _CountSkipsIterDataset(it, skips, config.max_consecutive_skips)
   return it.batch(local_batch, drop_remainder=config.drop_remainder,
-                  batch_fn=_Collate(config.bucket_lengths, tokenizer.pad_id))
+                  batch_fn=batch_fn or _Collate(config.bucket_lengths, tokenizer.pad_id))
 
 
 def make_iterator(*args, **kwargs) -> grain.DatasetIterator:

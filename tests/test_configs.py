@@ -17,7 +17,8 @@ CONFIG_FILES = [f for f in CONFIG_FILES
 
 ARGS = {"default.py": [None, "video", "test", "video,test"],
         "emo_llama_7b.py": [None, "fsdp_tp", "dp,video"],
-        "sweep.py": [None]}
+        "sweep.py": [None],
+        "posttrain.py": [None, "test", "7b", "7b,fsdp_tp,video"]}
 
 
 def _load(path):

@@ -526,8 +526,13 @@ class EmoLlama(Module):
                        f"{want} (= {num_frames} frames x {self.config.tokens_per_frame} tokens) "
                        f"per visual block, at most {turns} blocks, or 0")
 
-  def embed_multimodal(self, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
-    """(inputs_embeds [B, T, D], attention_mask [B, T]) with visual tokens in their slots."""
+  def embed_multimodal(self, batch: Mapping[str, Any], visual: jax.Array | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+    """(inputs_embeds [B, T, D], attention_mask [B, T]) with visual tokens in their slots.
+
+    `visual` [B, F * tokens_per_frame, D]: visual tokens already made by `encode_frames`
+    (e.g. one encoding shared by several answers to the same media); then only
+    `input_ids`, `attention_mask` and `frame_mask` of `batch` are read."""
     cfg = self.config
     input_ids = batch["input_ids"]
     frame_mask = jnp.asarray(batch["frame_mask"]).astype(bool)
@@ -536,7 +541,8 @@ class EmoLlama(Module):
     self._check_slots(input_ids, num_frames, 1 if len(qids.shape) == 2 else qids.shape[1])
     input_ids = jnp.asarray(input_ids)
     attention_mask = jnp.asarray(batch["attention_mask"])
-    visual = self.encode_frames(batch)
+    if visual is None:
+      visual = self.encode_frames(batch)
     is_img = input_ids == cfg.image_token_id
     text = self.language_model.model.embed_tokens(jnp.where(is_img, 0, input_ids))
     slot = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, visual.shape[1] - 1)

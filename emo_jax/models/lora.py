@@ -11,6 +11,7 @@ still apply. Works on stacked (scanned) layers too: A/B get the kernel's leading
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -60,6 +61,7 @@ class LoRALinear(Module):
     self.lora_b = nnx.LoRAParam(jnp.zeros(lead + (rank, self.out_features), self.param_dtype),
                                 out_sharding=tuple(names[:-2]) + ("lora_rank", names[-1]))
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+    self.enabled = True   # python-level switch (see `disabled`): off = the base layer alone
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
@@ -69,6 +71,8 @@ class LoRALinear(Module):
                    preferred_element_type=pet)
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
+    if not self.enabled:
+      return y
     xd = self.dropout(x) if self.dropout is not None else x
     up = low_rank_update(xd, self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype),
                          self.precision, pet)
@@ -221,3 +225,20 @@ def trainable_filter(config: Mapping[str, Any] | Sequence[str] | str | None = No
     return (isinstance(value, nnx.Param) and not isinstance(value, nnx.LoRAParam)
             and any(r.search(_path_str(path)) for r in regexes))
   return filt
+
+
+@contextlib.contextmanager
+def disabled(model: nnx.Module):
+  """Within the block every LoRALinear of `model` computes its base layer only (the
+  adapters are skipped, not zeroed): the base model, with no second copy of its weights.
+  Meant for a traced forward (e.g. a DPO / GRPO reference pass inside the jitted step); the
+  switch is a Python attribute, so the adapters are back on when the block exits."""
+  mods = [m for _, m in lora_modules(model)]
+  before = [m.enabled for m in mods]
+  for m in mods:
+    m.enabled = False
+  try:
+    yield model
+  finally:
+    for m, b in zip(mods, before):
+      m.enabled = b

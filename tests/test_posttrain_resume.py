@@ -1,0 +1,58 @@
+"""A GRPO run killed with SIGKILL resumes bit-exactly on CPU (rollout RNG included)."""
+import json
+import os
+import random
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+from test_checkpoint_resume import REPO, _final_arrays, _run_until, _summary
+
+NUM_STEPS = 6
+TIMEOUT = 1800   # seconds per subprocess (a loaded 2-core machine)
+
+
+def _cmd(workdir, data_root):
+  return [sys.executable, "-m", "emo_jax.main", "--config=configs/posttrain.py:test",
+          "--mode=grpo", f"--workdir={workdir}", f"--config.data.root={data_root}",
+          f"--config.grpo.num_steps={NUM_STEPS}", "--config.checkpoint.every_steps=1",
+          "--config.checkpoint.max_to_keep=20", "--config.eval.at_end=False",
+          "--config.export.at_end=False"]
+
+
+def _log(workdir):
+  """Last logged record per step (a step that ran twice keeps its rerun)."""
+  out = {}
+  with open(os.path.join(workdir, "posttrain_log.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      out[r["step"]] = r
+  return out
+
+
+@pytest.mark.slow
+def test_grpo_sigkill_resume_is_bitwise(tmp_path):
+  assert os.path.isdir(REPO)
+  data = str(tmp_path / "data")
+  rc, out = _run_until(_cmd(tmp_path / "ref", data), None, None, TIMEOUT)
+  assert rc == 0, out[-3000:]
+  assert _summary(out)["step"] == NUM_STEPS
+  kill_at = random.Random(os.getpid()).randint(2, NUM_STEPS - 2)
+  rc, out = _run_until(_cmd(tmp_path / "run", data), kill_at, signal.SIGKILL, TIMEOUT)
+  assert rc == -signal.SIGKILL, out[-3000:]
+  rc, out = _run_until(_cmd(tmp_path / "run", data), None, None, TIMEOUT)
+  assert rc == 0, out[-3000:]
+  assert "resumed from step" in out
+  ref_step, ref = _final_arrays(tmp_path / "ref")
+  run_step, run = _final_arrays(tmp_path / "run")
+  assert ref_step == run_step == NUM_STEPS
+  assert ref.keys() == run.keys() and len(ref) > 10
+  for k in ref:
+    np.testing.assert_array_equal(ref[k], run[k], err_msg=k)   # bitwise
+  ref_log, run_log = _log(tmp_path / "ref"), _log(tmp_path / "run")
+  assert sorted(ref_log) == sorted(run_log) == list(range(1, NUM_STEPS + 1))
+  for s in ref_log:   # the same rollouts: same rewards, lengths, KL and loss at every step
+    for k in ("reward", "completion_length", "kl", "loss", "grad_norm"):
+      assert ref_log[s][k] == run_log[s][k], (s, k)
