@@ -113,6 +113,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.window_secs = 2.0              # longer videos get a per-window timeline
   p.max_new_tokens = 8
 
+  c.serve = serve_defaults()
+
   # ---- export
   x = c.export = ml_collections.ConfigDict()
   x.at_end = True
@@ -136,3 +138,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.batch_size = 8
     e.max_new_tokens = 2
   return c
+
+
+def serve_defaults() -> ml_collections.ConfigDict:
+  """The serving section (python -m emo_jax.serve; see emo_jax.serve.engine)."""
+  s = ml_collections.ConfigDict()
+  s.host = "127.0.0.1"
+  s.port = 8000
+  s.model_name = "emo-llama"
+  s.media_root = ""                # '' = file paths refused (data: URIs only)
+  s.max_upload_bytes = 16 * 2**20
+  s.max_video_frames = 3000        # frames in one video (the container's count)
+  s.max_prompt_tokens = 0          # 0 = the largest length bucket
+  s.max_queue = 64                 # waiting requests; more get 429
+  s.request_timeout_s = 60.0
+  s.max_wait_ms = 10.0             # how long a batch waits for more requests
+  s.batch_buckets = (1, 4, 16)     # generated rows per compiled call (the last: max batch)
+  s.score_buckets = (8, 32, 128)   # option-likelihood rows per compiled call
+  s.length_buckets = ()            # () = data.pipeline.bucket_lengths
+  s.max_tokens = 16                # the decode loop's static length (per-request cap)
+  s.max_n = 4
+  s.warmup = True                  # compile every bucket at start-up
+  s.compilation_cache_dir = ""     # '' = <workdir>/jax_cache; 'none' = off
+  s.demo = True                    # the Gradio page at /demo
+  return s

@@ -131,6 +131,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.window_secs = 2.0
   p.max_new_tokens = 32
 
+  from configs import default  # pylint: disable=g-import-not-at-top
+  c.serve = default.serve_defaults()
+
   x = c.export = ml_collections.ConfigDict()
   x.at_end = True
   x.formats = ("hf", "peft", "bundle")
