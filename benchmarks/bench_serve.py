@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
                                  "p95_ms": 1000 * float(np.percentile(lat, 95))}
   print(f"sequential engine: {result['sequential_engine']}", flush=True)
   from flax import nnx
-  m = nnx.merge(eng.scorer.graphdef, eng.scorer.state)
+  m = nnx.merge(eng.graphdef, eng.state)
   lat = []
   for j in range(args.predict_calls):
     t = time.perf_counter()

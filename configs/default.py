@@ -152,9 +152,9 @@ def serve_defaults() -> ml_collections.ConfigDict:
   s.max_prompt_tokens = 0          # 0 = the largest length bucket
   s.max_queue = 64                 # waiting requests; more get 429
   s.request_timeout_s = 60.0
-  s.max_wait_ms = 10.0             # how long a batch waits for more requests
+  s.max_wait_ms = 20.0             # how long a batch waits for requests being prepared
   s.batch_buckets = (1, 4, 16)     # generated rows per compiled call (the last: max batch)
-  s.score_buckets = (8, 32, 128)   # option-likelihood rows per compiled call
+  s.score_buckets = (1, 4, 16)     # option-likelihood prompts (windows) per compiled call
   s.length_buckets = ()            # () = data.pipeline.bucket_lengths
   s.max_tokens = 16                # the decode loop's static length (per-request cap)
   s.max_n = 4

@@ -93,7 +93,7 @@ def server(tmp_path_factory):
          f"--workdir={root / 'wd'}", f"--bundle={root / 'export'}",
          f"--config.data.root={root / 'data'}", f"--config.serve.port={port}",
          f"--config.serve.media_root={media}", "--config.serve.batch_buckets=(1,8)",
-         "--config.serve.score_buckets=(8,64)", f"--config.serve.max_upload_bytes={MAX_UPLOAD}",
+         "--config.serve.score_buckets=(1,8)", f"--config.serve.max_upload_bytes={MAX_UPLOAD}",
          "--config.serve.max_tokens=8", "--config.predict.window_secs=1.0",
          "--config.serve.max_wait_ms=50"]
   log = open(root / "server.log", "w")
@@ -249,6 +249,8 @@ def _post(url, body: bytes):
     ("malformed_json", 400, "invalid_json"),
     ("remote_url", 400, "remote_url"),
     ("system_message", 400, "unsupported_role"),
+    ("prompt_too_long", 400, "prompt_too_long"),
+    ("bad_n", 400, "invalid_n"),
 ])
 def test_bad_input_gets_openai_error(server, case, status, code, tmp_path):
   root = server["root"]
@@ -272,10 +274,16 @@ def test_bad_input_gets_openai_error(server, case, status, code, tmp_path):
   elif case == "system_message":
     body = [{"role": "system", "content": "Be brief."}] + _image_msg(
         _data_uri(server["images"][0], "image/png"))
+  elif case == "prompt_too_long":
+    body = _image_msg(_data_uri(server["images"][0], "image/png"), text="why? " * 400)
+  elif case == "bad_n":
+    body = _image_msg(_data_uri(server["images"][0], "image/png"))
+  extra = {"n": 99} if case == "bad_n" else {}
   if case == "malformed_json":
     raw = b'{"model": "emo-llama", "messages": [}'
   else:
-    raw = json.dumps({"model": "emo-llama", "messages": body, "max_tokens": 4}).encode()
+    raw = json.dumps({"model": "emo-llama", "messages": body, "max_tokens": 4,
+                      **extra}).encode()
   got, err = _post(server["url"], raw)
   assert got == status, err
   assert set(err) == {"error"} and set(err["error"]) == {"message", "type", "param", "code"}

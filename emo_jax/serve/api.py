@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from typing import Any
@@ -46,7 +47,7 @@ def error_body(message: str, type: str = "invalid_request_error",  # pylint: dis
   return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def _number(body: dict, key: str, default, kind, lo=None, hi=None):
+def _number(body: dict, key: str, default, kind):
   v = body.get(key, default)
   if v is None:
     v = default
@@ -58,7 +59,19 @@ def _number(body: dict, key: str, default, kind, lo=None, hi=None):
 
 
 def parse_messages(messages: Any, engine: Engine) -> tuple[list[dict], Any]:
-  """OpenAI messages -> (LLaVA turns, Media). InputError for anything else."""
+  """OpenAI messages -> (LLaVA turns, Media). InputError for anything else (an uploaded
+  file written before the error is removed)."""
+  found: list = []
+  try:
+    return _parse_messages(messages, engine, found)
+  except InputError:
+    for m in found:
+      if m.temporary and os.path.exists(m.path):
+        os.unlink(m.path)
+    raise
+
+
+def _parse_messages(messages: Any, engine: Engine, found: list) -> tuple[list[dict], Any]:
   if not isinstance(messages, list) or not messages:
     raise InputError("messages must be a non-empty list", code="invalid_messages",
                      param="messages")
@@ -90,9 +103,10 @@ def parse_messages(messages: Any, engine: Engine) -> tuple[list[dict], Any]:
                              code="too_many_media", param=pw)
           ref = part.get(kind)
           url = ref.get("url") if isinstance(ref, dict) else ref
-          media = media_from_url(url, expect=kind[:5], media_root=engine.s["media_root"],
+          media = media_from_url(url, media_root=engine.s["media_root"],
                                  max_bytes=engine.s["max_upload_bytes"],
                                  tmp_dir=engine._tmp, param=pw)  # pylint: disable=protected-access
+          found.append(media)
         else:
           raise InputError(f"{pw}: unsupported content part (text, image_url, video_url)",
                            code="invalid_content", param=pw)
