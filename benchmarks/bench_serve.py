@@ -112,8 +112,16 @@ def _stop(proc):
     proc.kill()
 
 
-def _level(url: str, bodies: list[bytes], clients: int, count: int) -> dict:
+def _cpu_s(pid: int) -> float:
+  """User + system CPU seconds of a process so far (all its threads)."""
+  with open(f"/proc/{pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _level(url: str, bodies: list[bytes], clients: int, count: int, pid: int) -> dict:
   lat: list[float] = []
+  cpu0, load0 = _cpu_s(pid), os.getloadavg()[0]
 
   def worker(k: int):
     out = []
@@ -128,9 +136,12 @@ def _level(url: str, bodies: list[bytes], clients: int, count: int) -> dict:
     for r in ex.map(worker, range(clients)):
       lat += r
   wall = time.perf_counter() - t0
+  cpu = _cpu_s(pid) - cpu0
   with urllib.request.urlopen(url + "/health") as r:
     health = json.load(r)
   return {"clients": clients, "requests": count, "wall_s": wall, "rps": count / wall,
+          "server_cpu_ms_per_request": 1000 * cpu / count,
+          "loadavg_1min": [load0, os.getloadavg()[0]],
           "p50_ms": 1000 * float(np.percentile(lat, 50)),
           "p95_ms": 1000 * float(np.percentile(lat, 95)), "health": health}
 
@@ -194,7 +205,7 @@ def main(argv=None) -> dict:
   try:
     _post(url, bodies[0])
     for c in (int(x) for x in args.levels.split(",")):
-      lv = _level(url, bodies, c, max(args.requests, c))
+      lv = _level(url, bodies, c, max(args.requests, c), proc.pid)
       print(f"{c:>2} clients: {lv['rps']:.2f} req/s, p50 {lv['p50_ms']:.0f} ms, "
             f"p95 {lv['p95_ms']:.0f} ms", flush=True)
       levels.append(lv)
@@ -210,15 +221,19 @@ def main(argv=None) -> dict:
   eng = engine_lib.Engine(cfg, root if not args.workdir else args.workdir,
                           bundle=None if args.workdir else os.path.join(root, "export"),
                           start=False)
-  lat = []
+  lat, cpu = [], 0.0
+  load0 = os.getloadavg()[0]
   for j in range(args.sequential + 1):
-    t = time.perf_counter()
+    t, c0 = time.perf_counter(), time.process_time()
     media = engine_lib.Media("image", images[j % len(images)], "bench")
     req = eng.prepare([{"from": "human", "value": QUESTION}], media, max_tokens=max_tokens)
     eng.run_batch([req])
     if j:                              # the first call is a warm-up
       lat.append(time.perf_counter() - t)
+      cpu += time.process_time() - c0
   result["sequential_engine"] = {"requests": len(lat), "rps": len(lat) / sum(lat),
+                                 "cpu_ms_per_request": 1000 * cpu / len(lat),
+                                 "loadavg_1min": [load0, os.getloadavg()[0]],
                                  "p50_ms": 1000 * float(np.percentile(lat, 50)),
                                  "p95_ms": 1000 * float(np.percentile(lat, 95))}
   print(f"sequential engine: {result['sequential_engine']}", flush=True)
@@ -250,18 +265,24 @@ def _markdown(r: dict) -> str:
            f"Config `{r['config']}` ({r['model']}), one synthetic face image per request, "
            f"greedy, max_tokens={r['max_tokens']}, answer + class probabilities. "
            f"CPU: {r['host']['cpus']} cores ({r['host']['machine']}).", "",
-           "| how | clients | requests/s | p50 ms | p95 ms | x sequential engine |",
-           "|---|---|---|---|---|---|"]
+           "| how | clients | requests/s | p50 ms | p95 ms | x sequential engine | CPU ms / request "
+           "| load avg |", "|---|---|---|---|---|---|---|---|"]
   se = r["sequential_engine"]
   sp = r["sequential_predict"]
   lines.append(f"| predict.predict(model=...) per input (compiles each call) | 1 | "
-               f"{sp['rps']:.3f} | {sp['p50_ms']:.0f} | - | {sp['rps'] / se['rps']:.2f} |")
+               f"{sp['rps']:.3f} | {sp['p50_ms']:.0f} | - | {sp['rps'] / se['rps']:.3f} | - | - |")
   lines.append(f"| engine, one request at a time (no HTTP) | 1 | {se['rps']:.2f} | "
-               f"{se['p50_ms']:.0f} | {se['p95_ms']:.0f} | 1.00 |")
+               f"{se['p50_ms']:.0f} | {se['p95_ms']:.0f} | 1.00 | "
+               f"{se['cpu_ms_per_request']:.1f} | {se['loadavg_1min'][0]:.0f} |")
   for lv in r["server"]:
     lines.append(f"| server (HTTP, batched) | {lv['clients']} | {lv['rps']:.2f} | "
                  f"{lv['p50_ms']:.0f} | {lv['p95_ms']:.0f} | "
-                 f"{r['speedup_vs_sequential_engine'][str(lv['clients'])]:.2f} |")
+                 f"{r['speedup_vs_sequential_engine'][str(lv['clients'])]:.2f} | "
+                 f"{lv['server_cpu_ms_per_request']:.1f} | {lv['loadavg_1min'][0]:.0f} |")
+  lines += ["", "CPU ms / request: CPU time of the serving process (all threads: HTTP, "
+            "decoding, face detection, model) per request, or of this process for the "
+            "sequential engine; less sensitive than wall time to other load on the machine "
+            "(load avg: the 1-minute load average when the level started)."]
   cs = r["cold_start_s"]
   lines += ["", "Cold start (process start to /health answering, model load + compiling "
             "every bucket):", "",

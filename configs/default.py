@@ -153,8 +153,9 @@ def serve_defaults() -> ml_collections.ConfigDict:
   s.max_queue = 64                 # waiting requests; more get 429
   s.request_timeout_s = 60.0
   s.max_wait_ms = 20.0             # how long a batch waits for requests being prepared
-  s.batch_buckets = (1, 4, 16)     # generated rows per compiled call (the last: max batch)
-  s.score_buckets = (1, 4, 16)     # option-likelihood prompts (windows) per compiled call
+  s.batch_buckets = (1, 2, 4, 8, 16)   # generated rows per compiled call (last: max batch)
+  s.score_buckets = (1, 2, 4, 8, 16)   # option-likelihood prompts (windows) per call
+  s.prepare_concurrency = 2        # requests decoded / tokenized at once (CPU threads)
   s.length_buckets = ()            # () = data.pipeline.bucket_lengths
   s.max_tokens = 16                # the decode loop's static length (per-request cap)
   s.max_n = 4

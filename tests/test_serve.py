@@ -363,5 +363,29 @@ def test_demo_page_in_headless_chromium(server, tmp_path):
     driver.find_element(By.CSS_SELECTOR, "#submit").click()
     wait.until(lambda d: "no face found" in d.find_element(By.ID, "status").text)
     driver.save_screenshot(os.path.join(shots, "demo_bad_input.png"))
+    # A video: the answer, the chart and the per-window timeline plot.
+    driver.find_element(By.CSS_SELECTOR, "#video_input input[type=file]").send_keys(
+        str(server["media"] / "clip.mp4"))
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#video_input video")))
+    driver.find_element(By.CSS_SELECTOR, "#submit").click()
+    wait.until(lambda d: "3 windows" in d.find_element(By.ID, "status").text)
+    plot = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#timeline img")))
+    assert plot.size["width"] > 100
+    driver.execute_script("arguments[0].scrollIntoView();", plot)
+    driver.save_screenshot(os.path.join(shots, "demo_video.png"))
   finally:
     driver.quit()
+
+
+def test_batch_chunks_use_buckets_without_much_padding():
+  from emo_jax.serve.engine import Engine
+  for buckets in ((1, 4, 16), (1, 2, 4, 8, 16), (1, 8)):
+    for n in range(1, 40):
+      items = [(i % 2, i) for i in range(n)]          # two length buckets
+      chunks = list(Engine._chunks(items, lambda x: x[0], buckets))
+      assert sorted(x for c in chunks for x in c) == sorted(items)
+      for c in chunks:
+        assert len({x[0] for x in c}) == 1             # one length bucket per call
+        assert len(c) <= buckets[-1]
+        padded = next(b for b in buckets if b >= len(c))
+        assert padded - len(c) <= len(c) / 3

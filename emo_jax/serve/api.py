@@ -130,6 +130,7 @@ def create_app(engine: Engine, *, demo: bool = False) -> FastAPI:
   created = int(time.time())
   # A data URI is base64 (4/3 the bytes) inside JSON: leave room for that and the text.
   max_body = engine.s["max_upload_bytes"] * 4 // 3 + (1 << 20)
+  preparing = asyncio.Semaphore(engine.s["prepare_concurrency"])
 
   @app.exception_handler(InputError)
   async def _input_error(_, e: InputError):
@@ -207,8 +208,10 @@ def create_app(engine: Engine, *, demo: bool = False) -> FastAPI:
     if not isinstance(stream, bool):
       raise InputError("stream must be a boolean", code="invalid_type", param="stream")
     turns, media = parse_messages(body.get("messages"), engine)
-    req = await run_in_threadpool(engine.prepare, turns, media, n=n, max_tokens=max_tokens,
-                                  temperature=temperature, top_p=top_p)
+    async with preparing:   # decoding and tokenizing take CPU from the model: a few at once
+      req = await run_in_threadpool(engine.prepare, turns, media, n=n,
+                                    max_tokens=max_tokens, temperature=temperature,
+                                    top_p=top_p)
     fut = engine.submit(req)
     try:
       res = await asyncio.wait_for(asyncio.wrap_future(fut), engine.s["request_timeout_s"])

@@ -253,7 +253,8 @@ def serve_config(config):
       max_queue=int(s.max_queue), request_timeout_s=float(s.request_timeout_s),
       max_wait_ms=float(s.max_wait_ms), batch_buckets=tuple(sorted(s.batch_buckets)),
       score_buckets=tuple(sorted(s.score_buckets)), length_buckets=tuple(sorted(lengths)),
-      max_tokens=int(s.max_tokens), max_n=int(s.max_n), warmup=bool(s.warmup))
+      max_tokens=int(s.max_tokens), max_n=int(s.max_n), warmup=bool(s.warmup),
+      prepare_concurrency=int(s.prepare_concurrency))
 
 
 class Engine:
@@ -565,13 +566,23 @@ class Engine:
       self._compiled.add(key)
       self.stats["compiles"] += 1
 
-  def _chunks(self, items: list, key, limit: int):
+  @staticmethod
+  def _chunks(items: list, key, buckets: Sequence[int]):
+    """Items grouped by `key` (the length bucket), each group cut into calls whose row
+    counts are batch buckets: the largest bucket that fits, or the remainder padded up to
+    a bucket when that pads at most a third of the rows (padding rows cost compute too)."""
     groups: dict[int, list] = {}
     for it in items:
       groups.setdefault(key(it), []).append(it)
     for _, g in sorted(groups.items()):
-      for s in range(0, len(g), limit):
-        yield g[s:s + limit]
+      s = 0
+      while s < len(g):
+        left = len(g) - s
+        up = next((b for b in buckets if b >= left), buckets[-1])
+        down = max([b for b in buckets if b <= left], default=left)
+        take = min(left, up) if up - left <= left / 3 else down
+        yield g[s:s + take]
+        s += take
 
   def run_batch(self, batch: Sequence[Request]) -> list[Result]:
     """Runs requests together (any number: rows are chunked to the buckets)."""
@@ -580,7 +591,7 @@ class Engine:
                 for i, r in enumerate(batch) for _ in range(r.n)]
     gen_out: dict[int, list[list[int]]] = {i: [] for i in range(len(batch))}
     for chunk in self._chunks(gen_rows, lambda x: self._length_bucket(x[0]),
-                              self.s["batch_buckets"][-1]):
+                              self.s["batch_buckets"]):
       ids = self._generate([c[:4] for c in chunk])
       for c, row in zip(chunk, ids):
         gen_out[c[4]].append(row[:c[3]].tolist())
@@ -589,7 +600,7 @@ class Engine:
                   for w, ex in enumerate(r.score_examples)]
     lp: dict[tuple[int, int], np.ndarray] = {}
     for chunk in self._chunks(score_rows, lambda x: self._length_bucket(x[0]),
-                              self.s["score_buckets"][-1]):
+                              self.s["score_buckets"]):
       for c, v in zip(chunk, self._score([c[0] for c in chunk])):
         lp[c[1:]] = v
     self.stats["batches"] += 1
