@@ -87,6 +87,9 @@ def _start_server(args, root, port, cache_dir, log_path):
          f"--workdir={args.workdir or os.path.join(root, 'wd')}",
          f"--config.data.root={os.path.join(root, 'data')}", f"--config.serve.port={port}",
          f"--config.serve.compilation_cache_dir={cache_dir}", "--config.serve.demo=False"]
+  if args.buckets:
+    cmd += [f"--config.serve.batch_buckets=({args.buckets},)",
+            f"--config.serve.score_buckets=({args.buckets},)"]
   if not args.workdir:
     cmd.append(f"--bundle={os.path.join(root, 'export')}")
   t0 = time.perf_counter()
@@ -154,6 +157,8 @@ def main(argv=None) -> dict:
   p.add_argument("--levels", default="1,4,16")
   p.add_argument("--sequential", type=int, default=24, help="engine one-at-a-time calls")
   p.add_argument("--predict_calls", type=int, default=3)
+  p.add_argument("--buckets", default="", help="batch and score buckets, e.g. 1,4,16 "
+                 "(default: the config's)")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--out", default=os.path.join(RESULTS, "serve"))
   args = p.parse_args(argv)
@@ -173,6 +178,9 @@ def main(argv=None) -> dict:
   cfg = mod.get_config(cfg_arg or None)
   root = tempfile.mkdtemp(prefix="bench_serve_")
   cfg.data.root = os.path.join(root, "data")
+  if args.buckets:
+    cfg.serve.batch_buckets = cfg.serve.score_buckets = tuple(
+        int(x) for x in args.buckets.split(","))
   max_tokens = int(cfg.predict.max_new_tokens)
   if not args.workdir:
     paths = task.prepare_data(cfg, root)
@@ -183,7 +191,7 @@ def main(argv=None) -> dict:
       shutil.copy(q, os.path.join(root, "export", "tokenizer"))
   images = _faces(16, root)
   bodies = [_body(q, max_tokens) for q in images]
-  result = {"config": args.config, "model": "trained workdir" if args.workdir else
+  result = {"config": args.config, "buckets": list(cfg.serve.batch_buckets), "model": "trained workdir" if args.workdir else
             "random weights (bundle)", "max_tokens": max_tokens, "question": QUESTION,
             "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
                      "python": platform.python_version()}}
@@ -262,7 +270,8 @@ def main(argv=None) -> dict:
 
 def _markdown(r: dict) -> str:
   lines = ["# Serving benchmark (benchmarks/bench_serve.py)", "",
-           f"Config `{r['config']}` ({r['model']}), one synthetic face image per request, "
+           f"Config `{r['config']}` ({r['model']}), batch buckets {r['buckets']}, one "
+           "synthetic face image per request, "
            f"greedy, max_tokens={r['max_tokens']}, answer + class probabilities. "
            f"CPU: {r['host']['cpus']} cores ({r['host']['machine']}).", "",
            "| how | clients | requests/s | p50 ms | p95 ms | x sequential engine | CPU ms / request "
