@@ -33,9 +33,10 @@ def main(argv):
   from emo_jax.serve import api, engine as engine_lib
   cfg = FLAGS.config
   os.makedirs(FLAGS.workdir, exist_ok=True)
+  from emo_jax.convert.safetensors_io import CheckpointError
   try:
     eng = engine_lib.Engine(cfg, FLAGS.workdir, bundle=FLAGS.bundle)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   application = api.create_app(eng, demo=bool(cfg.serve.demo))
