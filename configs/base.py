@@ -139,4 +139,26 @@ def get_base_config() -> ml_collections.ConfigDict:
   x.at_end = True
   x.formats = ("hf", "peft", "bundle")
   x.dtype = "bfloat16"
+
+  # ---- serving (python -m emo_jax.serve; emo_jax/serve/engine.py)
+  s = c.serve = ml_collections.ConfigDict()
+  s.host = "127.0.0.1"
+  s.port = 8000
+  s.model_name = "emo-llama"
+  s.media_root = ""                # '' = file paths refused (data: URIs only)
+  s.max_upload_bytes = 16 * 2**20
+  s.max_video_frames = 3000        # frames in one video (the container's count)
+  s.max_prompt_tokens = 0          # 0 = the largest length bucket
+  s.max_queue = 64                 # waiting requests; more get 429
+  s.request_timeout_s = 60.0
+  s.max_wait_ms = 20.0             # how long a batch waits for requests being prepared
+  s.batch_buckets = (1, 2, 4, 8, 16)   # generated rows per compiled call (last: max batch)
+  s.score_buckets = (1, 2, 4, 8, 16)   # option-likelihood prompts (windows) per call
+  s.prepare_concurrency = 2        # requests decoded / tokenized at once (CPU threads)
+  s.length_buckets = ()            # () = data.pipeline.bucket_lengths
+  s.max_tokens = 16                # the decode loop's static length (per-request cap)
+  s.max_n = 4
+  s.warmup = True                  # compile every bucket at start-up
+  s.compilation_cache_dir = ""     # '' = <workdir>/jax_cache; 'none' = off
+  s.demo = True                    # the Gradio page at /demo
   return c

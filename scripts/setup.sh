@@ -19,4 +19,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q -r "$REQS"
+# gradio declares pillow<13 but runs on the pinned pillow: installed without its
+# dependency metadata; its dependencies are pinned in requirements.txt.
+python -m pip install -q --no-deps -r requirements-nodeps.txt
 python -m pip install -q --no-deps --no-build-isolation -e .

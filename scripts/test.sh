@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
+bash scripts/install_browser.sh
 . .venv/bin/activate
 exec python -m pytest -q -n 2 --dist=loadfile "$@" tests

@@ -78,3 +78,33 @@ def test_sampling_respects_top_k_and_is_seeded(tmp_path):
   c = generate(model, ids, max_new_tokens=5, sampling=cfg, rng=jax.random.key(2))
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_row_sampling_mixes_greedy_sampled_and_budgets(tmp_path):
+  """One program for a batch of rows with their own settings: greedy rows equal
+  GreedyConfig, a near-zero nucleus equals greedy, budgets pad after the row's last token,
+  and sampled rows with the same settings and key equal SamplingConfig's."""
+  from emo_jax.models.generation import RowSampling
+  make_hf(tmp_path)
+  model = hf.load_llama(tmp_path)
+  ids = jnp.asarray(np.random.RandomState(3).randint(3, 96, (4, 5)), jnp.int32)
+  n = 6
+  greedy = np.asarray(generate(model, ids, max_new_tokens=n, eos_token_id=None, pad_token_id=0))
+  rows = RowSampling(temperature=np.asarray([0.0, 0.8, 0.0, 1.5], np.float32),
+                     top_p=np.asarray([1.0, 1e-6, 1.0, 1.0], np.float32),
+                     max_new_tokens=np.asarray([n, n, 3, n], np.int32))
+  got = np.asarray(generate(model, ids, max_new_tokens=n, eos_token_id=None, pad_token_id=0,
+                            rows=rows, rng=jax.random.key(5)))
+  np.testing.assert_array_equal(got[0], greedy[0])
+  np.testing.assert_array_equal(got[1], greedy[1])          # nucleus of one token
+  np.testing.assert_array_equal(got[2, :3], greedy[2, :3])  # budget of 3, then padding
+  assert np.all(got[2, 3:] == 0)
+  # All rows at temperature 1.5, top-p 1: the same draws as SamplingConfig with that key.
+  same = RowSampling(temperature=np.full(4, 1.5, np.float32), top_p=np.ones(4, np.float32),
+                     max_new_tokens=np.full(4, n, np.int32))
+  a = generate(model, ids, max_new_tokens=n, eos_token_id=None, pad_token_id=0, rows=same,
+               rng=jax.random.key(7))
+  b = generate(model, ids, max_new_tokens=n, eos_token_id=None, pad_token_id=0,
+               sampling=SamplingConfig(temperature=1.5), rng=jax.random.key(7))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(a), greedy)

@@ -54,10 +54,15 @@ VIDEO_EXT = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", "
 
 
 class PredictError(UserError):
-  """A bad input to predict; the message says what is wrong with which file."""
+  """A bad input to predict; the message says what is wrong with which file, `reason` is
+  a short code for programs (e.g. the server's error codes)."""
+
+  def __init__(self, message: str, reason: str = "invalid_media"):
+    super().__init__(message)
+    self.reason = reason
 
 
-def _kind(path: str) -> str:
+def media_kind(path: str) -> str:
   if not os.path.exists(path):
     raise PredictError(f"{path}: no such file")
   if not os.path.isfile(path):
@@ -85,17 +90,17 @@ def _video_info(path: str) -> tuple[int, float]:
   try:
     with av.open(path) as c:
       if not c.streams.video:
-        raise PredictError(f"{path}: unreadable video (no video stream)")
+        raise PredictError(f"{path}: unreadable video (no video stream)", reason="invalid_video")
       s = c.streams.video[0]
       rate = float(s.average_rate or s.guessed_rate or 25)
   except av.error.FFmpegError as e:
-    raise PredictError(f"{path}: unreadable video ({e})") from None
+    raise PredictError(f"{path}: unreadable video ({e})", reason="invalid_video") from None
   try:
     n = media_lib.count_frames(path)
   except BadInputError as e:
-    raise PredictError(f"{path}: unreadable video ({e})") from None
+    raise PredictError(f"{path}: unreadable video ({e})", reason="invalid_video") from None
   if n <= 0:
-    raise PredictError(f"{path}: unreadable video (no frames)")
+    raise PredictError(f"{path}: unreadable video (no frames)", reason="invalid_video")
   return n, rate
 
 
@@ -117,7 +122,7 @@ def _decode_windows(path: str, num_frames: int, n_total: int, fps: float,
         if i in want:
           frames[i] = fr.to_ndarray(format="rgb24")
   except av.error.FFmpegError as e:
-    raise PredictError(f"{path}: unreadable video ({e})") from None
+    raise PredictError(f"{path}: unreadable video ({e})", reason="invalid_video") from None
   out = []
   for w, s in enumerate(starts):
     e = min(s + per, n_total)
@@ -126,7 +131,7 @@ def _decode_windows(path: str, num_frames: int, n_total: int, fps: float,
     if got:
       out.append((s / fps, e / fps, np.stack(got)))
   if not out:
-    raise PredictError(f"{path}: unreadable video (no decodable frames)")
+    raise PredictError(f"{path}: unreadable video (no decodable frames)", reason="invalid_video")
   return out
 
 
@@ -147,7 +152,8 @@ def _faces(frames: np.ndarray, path: str, cfg) -> np.ndarray:
       found.append(False)
   if not any(found):
     raise PredictError(f"{path}: no face found (detector: OpenCV Haar cascade); pass a face "
-                       "image or --config.predict.face_mode=aligned for pre-cropped faces")
+                       "image or --config.predict.face_mode=aligned for pre-cropped faces",
+                       reason="no_face")
   if not cfg.get("crop_to_face", True):
     return frames
   first = next(c for c in crops if c is not None)
@@ -185,24 +191,37 @@ def load_windows(config, input_path: str) -> tuple[str, list[tuple[float, float,
   """('image' | 'video', [(start_s, end_s, uint8 frames)]) with faces checked: one window
   for an image or a short video, windows of `config.predict.window_secs` for a long one.
   Raises PredictError (before any model work)."""
-  kind = _kind(input_path)
-  pcfg = config.predict
-  num_frames = config.data.pipeline.num_frames
+  kind = media_kind(input_path)
+  return kind, decode_windows(input_path, kind, config.predict,
+                              config.data.pipeline.num_frames)
+
+
+def decode_windows(path: str, kind: str, predict_cfg, num_frames: int,
+                   max_video_frames: int | None = None
+                   ) -> list[tuple[float, float, np.ndarray]]:
+  """The windows of a file whose kind is known, faces checked as `predict_cfg.face_mode`
+  says; a video of more than `max_video_frames` frames is refused (PredictError with
+  reason 'video_too_long')."""
   if kind == "image":
     try:
-      windows = [(0.0, 0.0, media_lib.load_image(input_path)[None])]
+      windows = [(0.0, 0.0, media_lib.load_image(path)[None])]
     except BadInputError as e:
-      raise PredictError(f"{input_path}: not a readable image ({e.reason}: {e.detail})") from None
+      raise PredictError(f"{path}: not a readable image ({e.reason}: {e.detail})",
+                         reason="invalid_image") from None
   else:
-    n, fps = _video_info(input_path)
-    if n / fps > pcfg.window_secs * 1.5:
-      windows = _decode_windows(input_path, num_frames, n, fps, pcfg.window_secs)
+    n, fps = _video_info(path)
+    if max_video_frames is not None and n > max_video_frames:
+      raise PredictError(f"{path}: {n} frames, more than the limit of {max_video_frames}",
+                         reason="video_too_long")
+    if n / fps > predict_cfg.window_secs * 1.5:
+      windows = _decode_windows(path, num_frames, n, fps, predict_cfg.window_secs)
     else:
       try:
-        windows = [(0.0, n / fps, media_lib.decode_video(input_path, num_frames))]
+        windows = [(0.0, n / fps, media_lib.decode_video(path, num_frames))]
       except BadInputError as e:
-        raise PredictError(f"{input_path}: unreadable video ({e.reason}: {e.detail})") from None
-  return kind, [(s, e, _faces(f, input_path, pcfg)) for s, e, f in windows]
+        raise PredictError(f"{path}: unreadable video ({e.reason}: {e.detail})",
+                           reason="invalid_video") from None
+  return [(s, e, _faces(f, path, predict_cfg)) for s, e, f in windows]
 
 
 def check_question(question: str | None) -> str | None:
