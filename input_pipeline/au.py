@@ -36,7 +36,7 @@ DATASET_AUS: dict[str, tuple[int, ...]] = {
     "bp4d": (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24),
     "disfa": (1, 2, 4, 6, 9, 12, 25, 26),
     # The procedural faces of input_pipeline.synthetic (the AUs it can draw).
-    "synthetic_au": (1, 2, 4, 5, 6, 7, 9, 10, 12, 15, 20, 25, 26),
+    "synthetic_au": (1, 2, 4, 5, 6, 7, 9, 10, 12, 15, 20, 24, 25, 26),
 }
 
 # DISFA codes 12 AUs by intensity 0..5; detection uses 8 of them at intensity >= 2.
