@@ -461,12 +461,18 @@ class EmoLlama(nnx.Module):
     # The face prior is always frozen (EMO-LLaMA): no gradient flows into it.
     return jax.lax.stop_gradient(g), jax.lax.stop_gradient(loc)
 
-  def encode_frames(self, batch: Mapping[str, Any]) -> jax.Array:
-    """Visual tokens [B, F * tokens_per_frame, D] in slot order (padding frames included)."""
+  def encode_frames(self, batch: Mapping[str, Any], feats: jax.Array | None = None
+                    ) -> jax.Array:
+    """Visual tokens [B, F * tokens_per_frame, D] in slot order (padding frames included).
+
+    `feats`: the vision tower's features [B*F, 1+P, Cv] when already computed (e.g. by the
+    AU head's shared forward, emo_jax.models.au_former); None runs the tower here.
+    """
     cfg = self.config
     frames = self.vision_inputs(batch["frames"])
     b, f = frames.shape[:2]
-    feats = self.vision_tower(frames.reshape((b * f,) + frames.shape[2:]))
+    if feats is None:
+      feats = self.vision_tower(frames.reshape((b * f,) + frames.shape[2:]))
     if "vision" not in cfg.trainable:
       feats = jax.lax.stop_gradient(feats)
     qids = jnp.repeat(jnp.asarray(batch["qformer_ids"]), f, axis=0)
