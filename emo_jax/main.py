@@ -61,7 +61,7 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
         question: str | None = None, export_dir: str | None = None) -> dict:
   """The main job, callable from Python (tests) as well as from the command line."""
   import jax
-  from emo_jax.train import evaluate, export, loop, predict
+  from emo_jax.train import au_train, evaluate, export, loop, predict
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -74,19 +74,24 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
     if out["preempted"]:
       return summary
     model = None
-    if config.eval.at_end or config.export.at_end:
+    if config.eval.at_end or config.export.at_end or au_train.enabled(config):
       built = out["built"]
       from emo_jax.train import state as state_lib
       model = state_lib.merge_model(built.graphdef, out["state"].params, out["state"].rngs,
                                     built.frozen)
     if config.eval.at_end:
       summary["eval"] = evaluate.evaluate(config, workdir, model=model, step=out["step"])
+    if au_train.enabled(config):   # action units: a head on the trained vision tower
+      summary["au"] = au_train.run(config, workdir, model)
     if config.export.at_end:
       summary["export"] = export.export(config, workdir, model=model,
                                         out_dir=export_dir or os.path.join(workdir, "export"))
     return summary
   if mode == "eval":
-    return {"eval": evaluate.evaluate(config, workdir)}
+    out = {"eval": evaluate.evaluate(config, workdir)}
+    if au_train.enabled(config):
+      out["au"] = au_train.run(config, workdir, train=False)
+    return out
   if mode == "predict":
     if not input_path:
       raise predict.PredictError("--mode=predict needs --input=<image or video file>")

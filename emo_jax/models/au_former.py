@@ -60,7 +60,7 @@ class AUFormerConfig:
   dilations: tuple[int, ...] = (1, 3, 5)
   ca_softmax: str = "positions"
   cls: str = "skip"
-  layers: tuple[int, ...] | None = None     # 0-based ViT blocks with experts; None = all used
+  layers: tuple[int, ...] | None = None     # 0-based ViT blocks with experts; None / () = all
   pool: str = "mean"
   head_hidden: int = 64
   deep_supervision: bool = True
@@ -157,7 +157,7 @@ class AUFormer(nnx.Module):
   def __init__(self, cfg: AUFormerConfig, width: int, num_vit_layers: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.width = width
-    layers = tuple(range(num_vit_layers)) if cfg.layers is None else cfg.layers
+    layers = tuple(range(num_vit_layers)) if not cfg.layers else cfg.layers
     bad = [i for i in layers if not 0 <= i < num_vit_layers]
     if bad:
       raise ValueError(f"AU expert layers {bad} outside the ViT's {num_vit_layers} used blocks")
