@@ -136,7 +136,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
   a.train = dict(num_steps=150, batch_size=32, aspect="pad", read_threads=2)
   a.eval_batch_size = 64
-  a.prompt = dict(enabled=False, template="Active facial action units: {aus}.")
+  # AU sentence in the LLM prompt: source 'labels' (the record's AU labels) or a JSON of AU
+  # head predictions {record id: [AUs]} (au_train.write_predictions); off in the default
+  a.prompt = dict(enabled=False, source="labels", template="Active facial action units: {aus}.")
+  # multi-task affective evaluation (emo_jax.train.affect_eval): emotion choice / open /
+  # yes-no and AU list / yes-no questions to the LLM; off in the default (its tiny LLM is
+  # not trained on AU questions)
+  a.affect_eval = dict(enabled=False, max_examples=0, max_new_tokens=24, seed=0,
+                       emotion=dict(name="synthetic", kind="image", split="test"))
 
   if "video" in presets:
     d.synthetic.num_clips = 140

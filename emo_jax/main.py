@@ -61,7 +61,7 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
         question: str | None = None, export_dir: str | None = None) -> dict:
   """The main job, callable from Python (tests) as well as from the command line."""
   import jax
-  from emo_jax.train import au_train, evaluate, export, loop, predict
+  from emo_jax.train import affect_eval, au_train, evaluate, export, loop, predict
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -83,6 +83,8 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
       summary["eval"] = evaluate.evaluate(config, workdir, model=model, step=out["step"])
     if au_train.enabled(config):   # action units: a head on the trained vision tower
       summary["au"] = au_train.run(config, workdir, model)
+    if affect_eval.enabled(config):
+      summary["affect"] = affect_eval.run(config, workdir, model, step=out["step"])
     if config.export.at_end:
       summary["export"] = export.export(config, workdir, model=model,
                                         out_dir=export_dir or os.path.join(workdir, "export"))
@@ -91,6 +93,8 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
     out = {"eval": evaluate.evaluate(config, workdir)}
     if au_train.enabled(config):
       out["au"] = au_train.run(config, workdir, train=False)
+    if affect_eval.enabled(config):
+      out["affect"] = affect_eval.run(config, workdir)
     return out
   if mode == "predict":
     if not input_path:

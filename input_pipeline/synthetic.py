@@ -20,7 +20,11 @@
   brows pulled together or lowered -> AU4, wide eyes -> AU5, smile folds -> AU6,
   narrowed / squinted eyes -> AU7, nose wrinkles -> AU9, raised upper lip -> AU10,
   corners up -> AU12, corners down -> AU15, a wide flat mouth -> AU20, a narrow closed
-  mouth -> AU24, parted lips -> AU25, a dropped jaw -> AU26).
+  mouth -> AU24, parted lips -> AU25, a dropped jaw -> AU26); plus FERID-style AU questions
+  `au_instructions_{train,test}.json` (fold 1's subject split): "Which facial action units
+  are active in the image?" per frame and, at each task's apex, "Why does this person look
+  <emotion>?" answered with the active AUs (not read by the default's tokenizer corpus,
+  which takes `ferid_*.json` only).
 
 The 7 RAF-DB expressions are cartoons drawn from a small parametric face: brows (height,
 inner/outer tilt, arch, gap), eyes (openness, squint lids), mouth (width, corner lift,
@@ -418,7 +422,11 @@ def generate_au(root: str, num_subjects: int, num_tasks: int = 4, num_frames: in
   (not coded). Frames of a task are numbered from a random start, as BP4D's coded
   segments are. Returns {'subjects', 'frames', 'positive_rate'}.
   """
+  from input_pipeline import au as au_lib
+  from input_pipeline import instructions as instructions_lib
   subjects = au_subjects(num_subjects)
+  test_subjects = set(au_lib.fold_subjects("bp4d", 1, "test"))
+  items = {"train": [], "test": []}
   label_dir = os.path.join(root, "AUCoding", "AU_OCC")
   os.makedirs(label_dir, exist_ok=True)
   counts = np.zeros(len(AUS))
@@ -426,7 +434,8 @@ def generate_au(root: str, num_subjects: int, num_tasks: int = 4, num_frames: in
   for si, subject in enumerate(subjects):
     for ti in range(num_tasks):
       task = f"T{ti + 1}"
-      frames, labels, _ = make_au_sequence(si, ti, num_frames, image_size, seed)
+      frames, labels, info = make_au_sequence(si, ti, num_frames, image_size, seed)
+      split = "test" if subject in test_subjects else "train"
       start = 1 + int(_rng(seed, 6, si * 1000 + ti).integers(0, 500))
       img_dir = os.path.join(root, "img", subject, task)
       os.makedirs(img_dir, exist_ok=True)
@@ -439,8 +448,22 @@ def generate_au(root: str, num_subjects: int, num_tasks: int = 4, num_frames: in
                                               for a in range(1, 40)]))
         counts += [lab[a] for a in AUS]
         total += 1
+        active = [a for a in AUS if lab[a]]
+        rel = f"img/{subject}/{task}/{frame}.jpg"
+        inst = instructions_lib.au_list_instruction(active)
+        items[split].append({"id": f"au_{subject}_{task}_{frame}", "image": rel,
+                             "conversations": list(inst.conversations)})
+        if k == len(frames) - 1 and active:   # apex: the AU-grounded reason
+          emotion = max(info["weights"], key=info["weights"].get)
+          if emotion != "neutral":
+            inst = instructions_lib.au_reason_instruction(emotion, active)
+            items[split].append({"id": f"why_{subject}_{task}", "image": rel,
+                                 "conversations": list(inst.conversations)})
       with open(os.path.join(label_dir, f"{subject}_{task}.csv"), "w") as f:
         f.write("\n".join(lines) + "\n")
+  for split, its in items.items():   # FERID-style AU questions (fold 1's subject split)
+    with open(os.path.join(root, f"au_instructions_{split}.json"), "w") as f:
+      json.dump(its, f, indent=1)
   return {"subjects": subjects, "frames": total,
           "positive_rate": {f"AU{a}": float(c / max(total, 1)) for a, c in zip(AUS, counts)}}
 

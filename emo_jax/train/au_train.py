@@ -262,3 +262,32 @@ def _write(workdir: str, rep: dict, name: str) -> None:
       text = text[:cut]
     with open(report_md, "w") as f:
       f.write(text.rstrip("\n") + "\n" + md)
+
+
+def write_predictions(config, workdir: str, recs, out_path: str, *, model=None, fold: int = 1,
+                      threshold: float = au_metrics.THRESHOLD) -> dict:
+  """Runs fold `fold`'s saved AU head over any records (e.g. the FER stills) and writes
+  {record id: [active AU numbers]} to `out_path`, the file `config.au.prompt.source` reads
+  to put an AU sentence into the LLM prompt. Returns the counted skips."""
+  if model is None:
+    from emo_jax.train import loop
+    _, model, _ = loop.restore_trained(config, workdir)
+  aus = au_lib.dataset_aus(config.au.data.name)
+  vit = model.vision_tower
+  head = au_former.build_head(head_config(config, len(aus)), vit, rngs=nnx.Rngs(0))
+  load_head(head, _head_path(workdir, fold))
+  skips = SkipCounter()
+  # Records without AU labels still get predictions: give them an all-uncoded vector.
+  import dataclasses
+  recs = [r if r.aus is not None else dataclasses.replace(r, aus=(au_lib.UNCODED,) * len(aus))
+          for r in recs]
+  kept, probs = predict_scores(au_former.AUDetector(vit, head), recs,
+                               image_size=vit.cfg.image_size,
+                               aspect=config.au.train.get("aspect", "pad"),
+                               batch_size=int(config.au.eval_batch_size), skips=skips)
+  pred = au_metrics.predictions(probs, threshold=threshold)
+  out = {recs[i].id: list(au_lib.active_aus(p, aus)) for i, p in zip(kept, pred)}
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  with open(out_path, "w") as f:
+    json.dump(out, f, indent=1)
+  return skips.counts
