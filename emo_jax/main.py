@@ -7,6 +7,7 @@
     python -m emo_jax.main --config=configs/default.py --workdir=./workdir --mode=predict \\
         --input=face.jpg [--question="How does she feel?"]
     python -m emo_jax.main --config=configs/default.py --workdir=./workdir --mode=export
+    python -m emo_jax.main --config=configs/au_bp4d.py:bp4d --workdir=./au --mode=au
 
 Multi-host (Cloud TPU pods, several GPU hosts): `jax.distributed.initialize()` runs when
 --coordinator_address is given or the environment names a coordinator
@@ -27,7 +28,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<file>.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, reports, exports).")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "au"],
+                  "What to do ('au': only the action-unit stage, config.au).")
 flags.DEFINE_string("input", None, "predict: an image or video file.")
 flags.DEFINE_string("question", None, "predict: the question (default: the category one).")
 flags.DEFINE_string("export_dir", None, "export: output folder (default <workdir>/export).")
@@ -96,6 +98,8 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
     if affect_eval.enabled(config):
       out["affect"] = affect_eval.run(config, workdir)
     return out
+  if mode == "au":   # the AU head alone, on the workdir's model or the config.init weights
+    return {"au": au_train.run(config, workdir, au_train.model_for_au(config, workdir))}
   if mode == "predict":
     if not input_path:
       raise predict.PredictError("--mode=predict needs --input=<image or video file>")

@@ -191,6 +191,20 @@ def predict_scores(det: au_former.AUDetector, recs, *, image_size: int, aspect: 
   return np.concatenate(idx), np.concatenate(probs)
 
 
+def model_for_au(config, workdir: str):
+  """The model whose vision tower the AU head uses: the workdir's trained checkpoint if it
+  has one, else the config's pretrained weights (`config.init`, e.g. EVA-ViT-G)."""
+  from emo_jax.train import checkpoint as ckpt_lib
+  from emo_jax.train import loop
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  has = ckpt.latest_step() is not None
+  ckpt.close()
+  if has:
+    return loop.restore_trained(config, workdir)[1]
+  built = loop.build(config, workdir)
+  return state_lib.merge_model(built.graphdef, built.params, built.rngs, built.frozen)
+
+
 def run(config, workdir: str, model=None, *, train: bool = True) -> dict:
   """Trains (unless saved) and scores the AU head on every configured fold; writes the report.
 
