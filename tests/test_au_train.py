@@ -46,3 +46,19 @@ def test_au_stage_trains_scores_and_resumes(setup):
   rep2 = json.load(open(out2["report"]))
   assert "restored" in rep2["log"]["1"] and out2["mean_f1"] == out["mean_f1"]
   assert open(os.path.join(wd, "eval", "report.md")).read().count("## Action units") == 1
+
+
+def test_write_predictions_for_records_without_au_labels(setup, tmp_path):
+  config, wd, model = setup
+  from input_pipeline import au, datasets, synthetic
+  root = str(tmp_path / "stills")
+  synthetic.generate(root, num_images=7, num_clips=0, image_size=32)
+  recs = datasets.load_records("synthetic", root, split=None, kind="image")
+  assert all(r.aus is None for r in recs)
+  if not os.path.exists(os.path.join(wd, "au", "fold1", "au_head.safetensors")):
+    au_train.run(config, wd, model)
+  out = str(tmp_path / "aus.json")
+  skipped = au_train.write_predictions(config, wd, recs, out, model=model)
+  preds = json.load(open(out))
+  assert not skipped and sorted(preds) == sorted(r.id for r in recs)
+  assert all(set(v) <= set(au.dataset_aus("synthetic_au")) for v in preds.values())
