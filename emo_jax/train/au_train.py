@@ -101,12 +101,14 @@ def loss_config(config) -> au_loss.AULossConfig:
   return au_loss.AULossConfig(**_plain(config.au.loss))
 
 
-def _loss_fn(weights: np.ndarray, lcfg: au_loss.AULossConfig, dtype):
-  w = jnp.asarray(weights, jnp.float32)
+def _loss_fn(lcfg: au_loss.AULossConfig, dtype):
+  """The AU loss over a batch; the fold's class weights travel in it ('weights' [B, A]), so
+  every fold shares one compiled step."""
 
   def fn(model, batch):
     out = model(pixels_lib.normalize_vit(batch["pixels"], dtype))
-    return au_loss.deep_supervised_sum(out.logits, out.deep_logits, batch["aus"], w, lcfg)
+    return au_loss.deep_supervised_sum(out.logits, out.deep_logits, batch["aus"],
+                                       batch["weights"], lcfg)
   return fn
 
 
@@ -136,20 +138,24 @@ def load_head(head: au_former.AUFormer, path: str) -> None:
   nnx.update(head, new)
 
 
-def train_fold(config, vit, train_recs, fold: int, aus, skips: SkipCounter
-               ) -> tuple[au_former.AUDetector, dict]:
-  """A fresh head trained on one fold's training records; returns (detector, log)."""
+def train_fold(config, vit, train_recs, fold: int, aus, skips: SkipCounter,
+               compiled: dict | None = None) -> tuple[au_former.AUDetector, dict]:
+  """A fresh head trained on one fold's training records; returns (detector, log).
+  `compiled` carries the jitted step from fold to fold (same structure: one compile)."""
   a = config.au
+  compiled = {} if compiled is None else compiled
   weights = au_lib.class_weights(au_lib.label_matrix(train_recs))
   rngs = nnx.Rngs(params=int(config.seed) + 1000 + fold)
   head = au_former.build_head(head_config(config, len(aus)), vit, rngs=rngs)
   det = au_former.AUDetector(vit, head)
   graphdef, params, rng_state, frozen = state_lib.split_model(det, au_former.trainable_filter)
   num_steps = int(a.train.num_steps)
-  tx, _ = opt_lib.make_optimizer(_plain(a.optimizer), num_steps, params)
+  if compiled.get("graphdef") != graphdef:
+    tx, _ = opt_lib.make_optimizer(_plain(a.optimizer), num_steps, params)
+    compiled.update(graphdef=graphdef, tx=tx, step=step_lib.jit_train_step(
+        graphdef, tx, _loss_fn(loss_config(config), vit.cfg.dtype)))
+  tx, step = compiled["tx"], compiled["step"]
   state = state_lib.create_train_state(params, rng_state, tx)
-  step = step_lib.jit_train_step(graphdef, tx, _loss_fn(weights, loss_config(config),
-                                                        vit.cfg.dtype))
   it = au_data.make_iterator(train_recs, image_size=vit.cfg.image_size,
                              batch_size=int(a.train.batch_size), seed=int(config.seed) + fold,
                              aspect=a.train.get("aspect", "pad"), skips=skips,
@@ -157,6 +163,7 @@ def train_fold(config, vit, train_recs, fold: int, aus, skips: SkipCounter
   t0, losses = time.time(), []
   for i in range(num_steps):
     batch = next(it)
+    batch["weights"] = np.broadcast_to(weights.astype(np.float32), batch["aus"].shape)
     state, m = step(state, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
     if (i + 1) % max(1, num_steps // 10) == 0 or i + 1 == num_steps:
       losses.append((i + 1, float(m["loss"])))
@@ -167,15 +174,19 @@ def train_fold(config, vit, train_recs, fold: int, aus, skips: SkipCounter
 
 
 def predict_scores(det: au_former.AUDetector, recs, *, image_size: int, aspect: str,
-                   batch_size: int, skips: SkipCounter) -> tuple[np.ndarray, np.ndarray]:
+                   batch_size: int, skips: SkipCounter, compiled: dict | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
   """(kept record indices, sigmoid probabilities [n, A]) in record order."""
   graphdef, state = nnx.split(det)
   dtype = det.vision_tower.cfg.dtype
-
-  @jax.jit
-  def fwd(state, pixels):
-    m = nnx.merge(graphdef, state)
-    return jax.nn.sigmoid(m(pixels_lib.normalize_vit(pixels, dtype)).logits)
+  compiled = {} if compiled is None else compiled
+  if compiled.get("fwd_graphdef") != graphdef:
+    @jax.jit
+    def fwd(state, pixels):
+      m = nnx.merge(graphdef, state)
+      return jax.nn.sigmoid(m(pixels_lib.normalize_vit(pixels, dtype)).logits)
+    compiled.update(fwd_graphdef=graphdef, fwd=fwd)
+  fwd = compiled["fwd"]
 
   idx, probs = [], []
   for kept, batch in au_data.load_all(recs, image_size=image_size, aspect=aspect, skips=skips,
@@ -219,7 +230,7 @@ def run(config, workdir: str, model=None, *, train: bool = True) -> dict:
   aus = au_lib.dataset_aus(a.data.name)
   vit = model.vision_tower
   skips = SkipCounter(strict=bool(config.data.get("strict", False)))
-  counts, logs = {}, {}
+  counts, logs, compiled = {}, {}, {}
   for fold in a.folds:
     fold = int(fold)
     train_recs = records(config, root, "train", fold, skips)
@@ -231,14 +242,15 @@ def run(config, workdir: str, model=None, *, train: bool = True) -> dict:
       det = au_former.AUDetector(vit, head)
       logs[fold] = {"restored": path}
     elif train:
-      det, logs[fold] = train_fold(config, vit, train_recs, fold, aus, skips)
+      det, logs[fold] = train_fold(config, vit, train_recs, fold, aus, skips, compiled)
       if jax.process_index() == 0:
         save_head(det.au_head, path)
     else:
       raise FileNotFoundError(f"no AU head for fold {fold} at {path}: train first")
     kept, probs = predict_scores(det, test_recs, image_size=vit.cfg.image_size,
                                  aspect=a.train.get("aspect", "pad"),
-                                 batch_size=int(a.eval_batch_size), skips=skips)
+                                 batch_size=int(a.eval_batch_size), skips=skips,
+                                 compiled=compiled)
     labels = au_lib.label_matrix([test_recs[i] for i in kept])
     counts[fold] = au_metrics.counts(au_metrics.predictions(probs), labels)
     logs[fold].update(train_records=len(train_recs), test_records=len(test_recs),
