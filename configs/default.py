@@ -83,6 +83,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.export.dtype = "float32"
 
+  # ---- action units (emo_jax.train.au_train): an AUFormer head on the trained, now frozen,
+  # vision tower, trained per fold on the synthetic faces' AU sequences (BP4D layout)
+  a = c.au = ml_collections.ConfigDict()
+  a.enabled = True
+  a.synthetic = dict(generate=True, num_subjects=18, num_tasks=4, num_frames=8, seed=0,
+                     image_size=64)
+  a.data = dict(name="synthetic_au", root="", options={})
+  a.folds = (1, 2, 3)
+  a.head = dict(bottleneck=8, dilations=(1, 3, 5), ca_softmax="positions", layers=(),
+                pool="mean", head_hidden=64, deep_supervision=True, visual_tokens="frozen",
+                zero_init_out=True)                    # layers=(): every ViT block
+  a.loss = dict(margin=0.05, gamma_neg=2.0, gamma_pos=0.0, detach_focus=False,
+                deep_supervision_weight=0.5)
+  a.optimizer = dict(lr=3e-3, warmup_frac=0.05, end_lr_frac=0.05, weight_decay=0.0,
+                     b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
+  a.train = dict(num_steps=150, batch_size=32, aspect="pad", read_threads=2)
+  a.eval_batch_size = 64
+  # AU sentence in the LLM prompt: source 'labels' (the record's AU labels) or a JSON of AU
+  # head predictions {record id: [AUs]} (au_train.write_predictions); off in the default
+  a.prompt = dict(enabled=False, source="labels", template="Active facial action units: {aus}.")
+  # multi-task affective evaluation (emo_jax.train.affect_eval): emotion choice / open /
+  # yes-no and AU list / yes-no questions to the LLM; off in the default (its tiny LLM is
+  # not trained on AU questions)
+  a.affect_eval = dict(enabled=False, max_examples=0, max_new_tokens=24, seed=0,
+                       emotion=dict(name="synthetic", kind="image", split="test"))
+
   if "video" in presets:
     d.synthetic.num_clips = 140
     d.pipeline.num_frames = 4
@@ -99,4 +125,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     k.every_steps = 2
     e.batch_size = 8
     e.max_new_tokens = 2
+    a.synthetic.update(num_subjects=6, num_tasks=2, num_frames=3)
+    a.folds = (1,)
+    a.train.update(num_steps=3, batch_size=8)
+    a.eval_batch_size = 8
   return c

@@ -9,6 +9,7 @@
     python -m emo_jax.main --config=configs/default.py --workdir=./workdir --mode=export
     python -m emo_jax.main --config=configs/posttrain.py --workdir=./grpo --mode=grpo \\
         --config.grpo.init_workdir=./workdir      # also --mode=dpo (docs/POST_TRAINING.md)
+    python -m emo_jax.main --config=configs/au_bp4d.py:bp4d --workdir=./au --mode=au   # the AU head alone
 
 Only training writes `<workdir>/config.json`; eval, predict and export read the workdir
 and use its saved config for the model and data sections (`--nouse_saved_config` to use
@@ -43,8 +44,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<file>.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, reports, exports).")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "dpo", "grpo"],
-                  "What to do (dpo / grpo: post-training, emo_jax.posttrain).")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "dpo", "grpo", "au"],
+                  "What to do (dpo / grpo: post-training, emo_jax.posttrain; au: only the "
+                  "action-unit stage, config.au).")
 flags.DEFINE_string("input", None, "predict: an image or video file.")
 flags.DEFINE_string("question", None, "predict: the question (default: the category one).")
 flags.DEFINE_string("export_dir", None, "export: output folder (default <workdir>/export).")
@@ -110,7 +112,7 @@ def configure_logging() -> None:
     py_logging.getLogger(name).setLevel(py_logging.WARNING)
 
 
-TRAINING_MODES = ("train", "dpo", "grpo")   # the modes that write into the workdir
+TRAINING_MODES = ("train", "dpo", "grpo", "au")   # the modes that write into the workdir
 
 
 def run(config, workdir: str, mode: str, *, input_path: str | None = None,
@@ -118,11 +120,12 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
         output_dir: str | None = None, use_saved_config: bool = True) -> dict:
   """The main job, callable from Python (tests) as well as from the command line.
 
-  Only the training modes (train, dpo, grpo) write into the workdir; the other modes check the settings, the
+  Only the training modes (train, dpo, grpo, au) write into the workdir; the other modes check the settings, the
   checkpoint and their output folder before any heavy work."""
   import jax
-  from emo_jax.train import evaluate, export, loop, predict, saved_config, validate
+  from emo_jax.train import affect_eval, au_train, evaluate, export, loop, predict
   from emo_jax.train import checkpoint as ckpt_lib
+  from emo_jax.train import saved_config, validate
   from input_pipeline import paths
   workdir = paths.resolve(workdir)   # local: absolute; gs://...: unchanged
   if mode not in TRAINING_MODES:
@@ -142,7 +145,7 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
     if out["preempted"]:
       return summary
     model = None
-    if config.eval.at_end or config.export.at_end:
+    if config.eval.at_end or config.export.at_end or au_train.enabled(config):
       built = out["built"]
       from emo_jax.train import state as state_lib
       model = state_lib.merge_model(built.graphdef, out["state"].params, out["state"].rngs,
@@ -150,6 +153,10 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
     if config.eval.at_end:
       summary["eval"] = evaluate.evaluate(config, workdir, model=model, step=out["step"],
                                           out_dir=output_dir)
+    if au_train.enabled(config):   # action units: a head on the trained vision tower
+      summary["au"] = au_train.run(config, workdir, model)
+    if affect_eval.enabled(config):
+      summary["affect"] = affect_eval.run(config, workdir, model, step=out["step"])
     if config.export.at_end:
       summary["export"] = export.export(config, workdir, model=model,
                                         out_dir=export_dir or paths.join(workdir, "export"))
@@ -160,6 +167,10 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
       paths.makedirs(workdir)
       saved_config.write(config, workdir)
     return runner.run(config, workdir, mode)
+  if mode == "au":   # the AU head alone, on the workdir's model or the config.init weights
+    if jax.process_index() == 0:
+      paths.makedirs(workdir)
+    return {"au": au_train.run(config, workdir, au_train.model_for_au(config, workdir))}
   if mode == "predict":
     if not input_path:
       raise predict.PredictError("--mode=predict needs --input=<image or video file>")

@@ -87,6 +87,69 @@ def category_instruction(
   return Instruction(conversations=conv, options=shown, label_index=shown.index(answer))
 
 
+# ---------------------------------------------------------------- action-unit questions
+# Our wording (AU-answering FER MLLMs publish no fixed prompts): the AU list question, the
+# AU-grounded "why" question, and yes/no judgement questions about an AU or an emotion.
+
+AU_LIST_QUESTION = "Which facial action units are active in the {media}?"
+AU_REASON_QUESTION = "Why does this person look {emotion}?"
+AU_REASON_ANSWER = "The person looks {emotion} because of {aus}."
+AU_JUDGE_QUESTION = "Is {au} active in the {media}? Answer yes or no."
+EMOTION_JUDGE_QUESTION = ("Is the facial expression of the person in the {media} {emotion}? "
+                          "Answer yes or no.")
+OPEN_EMOTION_QUESTION = "How does the person in the {media} feel? Answer with one word."
+
+# Adjectives for "look {emotion}" (class words are nouns in most datasets).
+_ADJECTIVE = {"happiness": "happy", "sadness": "sad", "anger": "angry", "surprise": "surprised",
+              "fear": "afraid", "disgust": "disgusted", "neutral": "neutral",
+              "contempt": "contemptuous"}
+
+
+def emotion_adjective(label: str) -> str:
+  return _ADJECTIVE.get(labels_lib.canonical(label) or label, label)
+
+
+def _turns(question: str, answer: str | None) -> tuple[dict[str, str], ...]:
+  conv = [{"from": "human", "value": f"<image>\n{question}"}]
+  if answer is not None:
+    conv.append({"from": "gpt", "value": answer})
+  return tuple(conv)
+
+
+def au_list_instruction(active: Sequence[int], *, media_type: str = "image",
+                        with_answer: bool = True) -> Instruction:
+  """"Which facial action units are active ...?" -> "AU6 (cheek raiser), AU12 (...)"."""
+  from input_pipeline import au as au_lib
+  q = AU_LIST_QUESTION.format(media=media_word(media_type))
+  return Instruction(_turns(q, au_lib.au_list_text(active) if with_answer else None), (), -1)
+
+
+def au_reason_instruction(emotion: str, active: Sequence[int], *,
+                          media_type: str = "image") -> Instruction:
+  """"Why does this person look happy?" -> an answer naming the active AUs."""
+  from input_pipeline import au as au_lib
+  adj = emotion_adjective(emotion)
+  a = AU_REASON_ANSWER.format(emotion=adj, aus=au_lib.au_list_text(active))
+  return Instruction(_turns(AU_REASON_QUESTION.format(emotion=adj), a), (), -1)
+
+
+def judgement_instruction(question: str, truth: bool | None) -> Instruction:
+  """A yes/no question; options ('yes', 'no') and the label index (-1: no answer)."""
+  answer = None if truth is None else ("yes" if truth else "no")
+  return Instruction(_turns(question, answer), ("yes", "no"),
+                     -1 if truth is None else (0 if truth else 1))
+
+
+def parse_yes_no(text: str) -> int:
+  """0 for yes, 1 for no (the first of the two words the answer says), -1 if neither."""
+  for w in labels_lib.words(text):
+    if w in ("yes", "yeah", "yep", "true"):
+      return 0
+    if w in ("no", "not", "nope", "false"):
+      return 1
+  return -1
+
+
 def parse_options(question: str) -> tuple[str, ...]:
   """The options listed in braces in a FERID category question, lower case ('()' if none)."""
   found = OPTIONS_RE.findall(question)
@@ -122,6 +185,10 @@ def instruction_for_record(
         except BadInputError:
           continue
     return Instruction(conv, options, label_index)
+  if record.label is None and record.aus is not None:
+    from input_pipeline import au as au_lib
+    active = au_lib.active_aus(record.aus, au_lib.dataset_aus(record.dataset))
+    return au_list_instruction(active, media_type=record.media_type)
   if record.label is None:
     raise BadInputError("no_label_or_conversation", path, "cannot build an instruction")
   options = tuple(option_names) if option_names else labels_lib.classes(record.dataset)

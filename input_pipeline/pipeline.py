@@ -67,6 +67,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
+from input_pipeline import au as au_lib
 from input_pipeline import contract
 from input_pipeline import instructions as instructions_lib
 from input_pipeline import media as media_lib
@@ -127,6 +128,12 @@ class PipelineConfig:
       regardless, as before).
     agr_template: the AGR sentence template (None: contract.AGR_TEMPLATE); must
       equal the model's `EmoLlamaConfig.agr_template`.
+    au_prompt: put an action-unit sentence (`input_pipeline.au.au_sentence`) after the AGR
+      sentence in the first user turn: '' off, 'labels' from the record's own `aus`, or the
+      path of a JSON {record id: [active AU numbers]} of AU-head predictions
+      (`emo_jax.train.au_train.write_predictions`); a record missing from it is the counted
+      skip 'missing_au_prediction'.
+    au_template: the AU sentence template (field {aus}).
   """
   global_batch_size: int = 8
   num_frames: int = 4
@@ -155,6 +162,8 @@ class PipelineConfig:
   priors_dir: str | None = None
   agr_prompt: bool = False
   agr_template: str | None = None
+  au_prompt: str = ""
+  au_template: str = au_lib.AU_TEMPLATE
 
   def __post_init__(self):
     if self.max_length > max(self.bucket_lengths):
@@ -224,6 +233,11 @@ class ExampleBuilder:
     self.qformer_tokenizer = qformer_tokenizer
     self.strict = strict
     self.template = template_lib.get_template(config.template)
+    self.au_predictions = None
+    if config.au_prompt and config.au_prompt != "labels":
+      import json  # pylint: disable=g-import-not-at-top
+      with open(config.au_prompt) as f:
+        self.au_predictions = {k: tuple(v) for k, v in json.load(f).items()}
     self.priors = None
     if config.priors_dir:
       self.priors = PriorStore(config.priors_dir)
@@ -261,6 +275,19 @@ class ExampleBuilder:
     still = record.media_type in ("image", "pixels")
     return contract.agr_sentence(*idx, template=self.config.agr_template or contract.AGR_TEMPLATE,
                                  media="image" if still else "video")
+
+  def _au_sentence(self, record: Record) -> str:
+    """The AU prompt sentence of a record (its labels, or the stored predictions)."""
+    if self.au_predictions is None:
+      if record.aus is None:
+        raise BadInputError("no_au_labels", _where(record), "au_prompt='labels' needs aus")
+      active = au_lib.active_aus(record.aus, au_lib.dataset_aus(record.dataset))
+    elif record.id in self.au_predictions:
+      active = self.au_predictions[record.id]
+    else:
+      raise BadInputError("missing_au_prediction", _where(record),
+                          f"no AU prediction for id {record.id!r} in {self.config.au_prompt}")
+    return au_lib.au_sentence(active, self.config.au_template)
 
   # -- the example ---------------------------------------------------------------------
 
@@ -310,6 +337,8 @@ class ExampleBuilder:
     frames = frames[:n_real]
     if stored is not None and cfg.agr_prompt:
       agr = self._agr_from_priors(stored, n_real, record)
+    if cfg.au_prompt:
+      agr = " ".join(x for x in (agr, self._au_sentence(record)) if x)
 
     inst = instructions_lib.instruction_for_record(
         record, rng=rng, shuffle=cfg.shuffle_options, option_names=cfg.option_names)

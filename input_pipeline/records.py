@@ -43,6 +43,8 @@ class Record:
     landmarks: flat (x0, y0, x1, y1, ...) when the layout gives them.
     pixels: uint8 [H, W] image held inline (FERPlus CSV).
     conversations: LLaVA-style turns [{'from': 'human'|'gpt', 'value': str}, ...].
+    aus: facial action unit labels, one int per AU of the dataset's AU list
+      (`input_pipeline.au.dataset_aus(dataset)`): 1 present, 0 absent, -1 not coded.
     extra: anything else a reader wants to pass on (votes, valence, scene, ...).
   """
 
@@ -57,6 +59,7 @@ class Record:
   landmarks: tuple[float, ...] | None = None
   pixels: Any = None
   conversations: tuple[Mapping[str, str], ...] | None = None
+  aus: tuple[int, ...] | None = None
   extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):

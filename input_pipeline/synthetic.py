@@ -8,7 +8,23 @@
   `EmoLabel_DataSplit/{train,test}(single-labeled)/set_{1..5}.csv` (`video_name,label`,
   DFEW ids 1..7), 5 folds;
 - FERID-style instruction JSON `ferid_train.json`, `ferid_test.json` (category questions
-  with shuffled options, and a two-turn conversation per some items) referencing them.
+  with shuffled options, and a two-turn conversation per some items) referencing them;
+- with `num_au_subjects > 0`, facial action-unit sequences in the BP4D layout (read by the
+  'synthetic_au' reader = the BP4D reader): `AUCoding/AU_OCC/{S}_{T}.csv` (column '0' the
+  frame, column 'k' AU k, 9 for AUs the faces cannot show) and `img/{S}/{T}/{frame}.jpg`.
+  Subjects take real BP4D ids spread over the three fold parts, so the standard
+  subject-exclusive folds apply; each subject keeps one identity (skin, face shape) over
+  its tasks. A task blends one or two expressions with a random gain per face parameter
+  and ramps from neutral to that apex; each frame's AU labels follow from the parameters
+  it is drawn with (`au_labels`: raised inner brow ends -> AU1, raised outer ends -> AU2,
+  brows pulled together or lowered -> AU4, wide eyes -> AU5, smile folds -> AU6,
+  narrowed / squinted eyes -> AU7, nose wrinkles -> AU9, raised upper lip -> AU10,
+  corners up -> AU12, corners down -> AU15, a wide flat mouth -> AU20, a narrow closed
+  mouth -> AU24, parted lips -> AU25, a dropped jaw -> AU26); plus FERID-style AU questions
+  `au_instructions_{train,test}.json` (fold 1's subject split): "Which facial action units
+  are active in the image?" per frame and, at each task's apex, "Why does this person look
+  <emotion>?" answered with the active AUs (not read by the default's tokenizer corpus,
+  which takes `ferid_*.json` only).
 
 The 7 RAF-DB expressions are cartoons drawn from a small parametric face: brows (height,
 inner/outer tilt, arch, gap), eyes (openness, squint lids), mouth (width, corner lift,
@@ -20,6 +36,8 @@ are separable by a small model without being identical images.
 Deterministic: each item has its own `numpy` generator seeded by (seed, kind, index), JPEG
 bytes are identical for a seed, and the clips decode to identical frames (libx264, one
 thread, fixed options).
+The AU sequences use generators of their own kinds, so the stills and clips are the same
+bytes with or without them.
 """
 from __future__ import annotations
 
@@ -85,6 +103,46 @@ def expression_params(label: str, intensity: float) -> dict[str, float]:
   apex = {**_NEUTRAL, **_APEX[label]}
   gain = _GAIN * intensity
   return {k: _NEUTRAL[k] + gain * (apex[k] - _NEUTRAL[k]) for k in _NEUTRAL}
+
+
+# AU occurrence from the drawing parameters (our rules: each AU is a visible change of the
+# cartoon; thresholds sit well inside the range the parameter spans when drawn).
+AU_RULES: dict[int, tuple[str, object]] = {
+    1: ("inner brow ends raised", lambda p: p["brow_raise"] + p["brow_inner"] > 0.02),
+    2: ("outer brow ends raised", lambda p: p["brow_raise"] > 0.02),
+    4: ("brows pulled together or lowered",
+        lambda p: p["brow_gap"] > 0.008 or p["brow_raise"] + p["brow_inner"] < -0.02),
+    5: ("eyes wide open", lambda p: p["eye_open"] > 1.3),
+    6: ("smile folds on the cheeks", lambda p: p["cheek"] > 0.3),
+    7: ("eyes narrowed or lower lids raised",
+        lambda p: p["eye_squint"] > 0.2 or p["eye_open"] < 0.8),
+    9: ("nose wrinkled", lambda p: p["wrinkle"] > 0.3),
+    10: ("upper lip raised", lambda p: p["upper_lip"] > 0.3),
+    12: ("mouth corners pulled up", lambda p: p["mouth_curve"] > 0.02),
+    15: ("mouth corners pulled down", lambda p: p["mouth_curve"] < -0.02),
+    20: ("lips stretched wide", lambda p: p["mouth_w"] > 0.13 and p["mouth_curve"] < 0.02),
+    24: ("lips pressed into a narrow closed mouth",
+         lambda p: p["mouth_w"] < 0.09 and p["mouth_open"] <= 0.008 and p["upper_lip"] <= 0.05),
+    25: ("lips parted", lambda p: p["mouth_open"] > 0.008 or p["upper_lip"] > 0.05),
+    26: ("jaw dropped", lambda p: p["mouth_open"] > 0.07),
+}
+AUS = tuple(AU_RULES)
+
+
+def au_labels(params: dict[str, float]) -> dict[int, int]:
+  """{AU: 0/1} of a face drawn with `params` (expression_params / blend_params output)."""
+  return {au: int(bool(rule(params))) for au, (_, rule) in AU_RULES.items()}
+
+
+def blend_params(weights: dict[str, float], gains: dict[str, float] | None = None
+                 ) -> dict[str, float]:
+  """Face parameters of a blend: neutral + sum_label w * (apex - neutral), each parameter's
+  displacement times `gains[k]` (default 1), with the same exaggeration as the stills."""
+  out = {}
+  for k, n in _NEUTRAL.items():
+    d = sum(w * ({**_NEUTRAL, **_APEX[lab]}[k] - n) for lab, w in weights.items())
+    out[k] = n + _GAIN * d * (1.0 if gains is None else gains.get(k, 1.0))
+  return out
 
 
 class _Style:
@@ -245,9 +303,12 @@ def _background(s: int, st: _Style) -> np.ndarray:
 
 def render(label: str, intensity: float, style: _Style, size: int,
            rng: np.random.Generator, *, pose_delta: Sequence[float] = (0.0, 0.0, 0.0),
-           background: np.ndarray | None = None) -> np.ndarray:
-  """One uint8 [size, size, 3] RGB face of `label` at `intensity` (0..1)."""
-  face, mask = _draw_face(size, style, expression_params(label, intensity))
+           background: np.ndarray | None = None,
+           params: dict[str, float] | None = None) -> np.ndarray:
+  """One uint8 [size, size, 3] RGB face of `label` at `intensity` (0..1), or drawn with
+  the face `params` when given (label and intensity then unused)."""
+  face, mask = _draw_face(size, style, params if params is not None
+                          else expression_params(label, intensity))
   m = cv2.getRotationMatrix2D((size / 2, size / 2), style.angle + pose_delta[0], style.scale)
   m[:, 2] += (style.shift + np.asarray(pose_delta[1:])) * size
   face = cv2.warpAffine(face, m, (size, size), flags=cv2.INTER_LINEAR)
@@ -308,6 +369,105 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 8) -> None:
       c.mux(pkt)
 
 
+def au_subjects(num_subjects: int) -> list[str]:
+  """BP4D subject ids taken in turn from parts 1, 2, 3 (so every fold has test subjects)."""
+  from input_pipeline import au as au_lib
+  parts = au_lib.BP4D_PARTS
+  if num_subjects > sum(len(p) for p in parts):
+    raise ValueError(f"at most {sum(len(p) for p in parts)} AU subjects (BP4D's 41)")
+  out, i = [], 0
+  while len(out) < num_subjects:
+    part, k = parts[i % 3], i // 3
+    if k < len(part):
+      out.append(part[k])
+    i += 1
+  return out
+
+
+def make_au_sequence(subject_index: int, task: int, num_frames: int, size: int,
+                     seed: int = 0) -> tuple[np.ndarray, list[dict[int, int]], dict]:
+  """(uint8 [T, size, size, 3], per-frame {AU: 0/1}, task info) of one subject's task.
+
+  Identity from the subject's generator (kind 4), the task's blend, gains, apex and head
+  drift from the task's (kind 5): the stills' and clips' generators are untouched.
+  """
+  style = _Style(_rng(seed, 4, subject_index))
+  rng = _rng(seed, 5, subject_index * 1000 + task)
+  first = CLASSES[int(rng.integers(len(CLASSES)))]
+  weights = {first: 1.0}
+  if rng.uniform() < 0.5:
+    second = CLASSES[int(rng.integers(len(CLASSES)))]
+    if second != first:
+      weights[second] = float(rng.uniform(0.3, 0.8))
+  gains = {k: float(rng.uniform(0.4, 1.25)) for k in _NEUTRAL}
+  apex = float(rng.uniform(0.6, 1.0))
+  drift = rng.uniform(-1, 1, 3) * np.array([4.0, 0.02, 0.02])
+  bg = _background(size, style)
+  frames, labels = [], []
+  for t in range(num_frames):
+    u = t / max(1, num_frames - 1)
+    ease = u * u * (3 - 2 * u)
+    params = blend_params({k: w * apex * ease for k, w in weights.items()}, gains)
+    frames.append(render("neutral", 0.0, style, size, rng, params=params, background=bg,
+                         pose_delta=drift * u))
+    labels.append(au_labels(params))
+  return np.stack(frames), labels, {"weights": weights, "apex": apex}
+
+
+def generate_au(root: str, num_subjects: int, num_tasks: int = 4, num_frames: int = 8,
+                seed: int = 0, image_size: int = 112) -> dict:
+  """Writes the AU sequences in the BP4D layout under `root` (see the module docstring).
+
+  CSV columns are '0' (frame) and '1'..'39' like BP4D's; AUs the faces cannot show are 9
+  (not coded). Frames of a task are numbered from a random start, as BP4D's coded
+  segments are. Returns {'subjects', 'frames', 'positive_rate'}.
+  """
+  from input_pipeline import au as au_lib
+  from input_pipeline import instructions as instructions_lib
+  subjects = au_subjects(num_subjects)
+  test_subjects = set(au_lib.fold_subjects("bp4d", 1, "test"))
+  items = {"train": [], "test": []}
+  label_dir = os.path.join(root, "AUCoding", "AU_OCC")
+  os.makedirs(label_dir, exist_ok=True)
+  counts = np.zeros(len(AUS))
+  total = 0
+  for si, subject in enumerate(subjects):
+    for ti in range(num_tasks):
+      task = f"T{ti + 1}"
+      frames, labels, info = make_au_sequence(si, ti, num_frames, image_size, seed)
+      split = "test" if subject in test_subjects else "train"
+      start = 1 + int(_rng(seed, 6, si * 1000 + ti).integers(0, 500))
+      img_dir = os.path.join(root, "img", subject, task)
+      os.makedirs(img_dir, exist_ok=True)
+      lines = [",".join(str(i) for i in range(40))]
+      for k, (img, lab) in enumerate(zip(frames, labels)):
+        frame = start + k
+        Image.fromarray(img).save(os.path.join(img_dir, f"{frame}.jpg"), format="JPEG",
+                                  quality=92)
+        lines.append(",".join([str(frame)] + [str(lab.get(a, 9))
+                                              for a in range(1, 40)]))
+        counts += [lab[a] for a in AUS]
+        total += 1
+        active = [a for a in AUS if lab[a]]
+        rel = f"img/{subject}/{task}/{frame}.jpg"
+        inst = instructions_lib.au_list_instruction(active)
+        items[split].append({"id": f"au_{subject}_{task}_{frame}", "image": rel,
+                             "conversations": list(inst.conversations)})
+        if k == len(frames) - 1 and active:   # apex: the AU-grounded reason
+          emotion = max(info["weights"], key=info["weights"].get)
+          if emotion != "neutral":
+            inst = instructions_lib.au_reason_instruction(emotion, active)
+            items[split].append({"id": f"why_{subject}_{task}", "image": rel,
+                                 "conversations": list(inst.conversations)})
+      with open(os.path.join(label_dir, f"{subject}_{task}.csv"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+  for split, its in items.items():   # FERID-style AU questions (fold 1's subject split)
+    with open(os.path.join(root, f"au_instructions_{split}.json"), "w") as f:
+      json.dump(its, f, indent=1)
+  return {"subjects": subjects, "frames": total,
+          "positive_rate": {f"AU{a}": float(c / max(total, 1)) for a, c in zip(AUS, counts)}}
+
+
 def _split_counts(n: int, test_frac: float) -> int:
   return int(round(n * test_frac))
 
@@ -336,13 +496,15 @@ _DESCRIBE = {
 def generate(root: str, num_images: int = 700, num_clips: int = 140, seed: int = 0, *,
              image_size: int = 112, clip_size: int = 112, clip_frames: int = 12,
              test_fraction: float = 0.2, conversation_fraction: float = 0.25,
-             fps: int = 8) -> dict:
+             fps: int = 8, num_au_subjects: int = 0, au_tasks: int = 4,
+             au_frames: int = 8) -> dict:
   """Writes the synthetic dataset under `root` (see the module docstring); returns a
   summary dict (counts per split and class, seconds taken).
 
   Classes cycle through the 7 RAF-DB expressions, so every split is balanced up to one.
   Images: the last `test_fraction` of each class's items are `test_`. Clips: 5 folds; fold
-  k tests on the clips with index % 5 == k - 1 and trains on the rest.
+  k tests on the clips with index % 5 == k - 1 and trains on the rest. AU sequences:
+  `num_au_subjects` subjects x `au_tasks` tasks x `au_frames` frames (`generate_au`).
   """
   t0 = time.time()
   os.makedirs(os.path.join(root, "EmoLabel"), exist_ok=True)
@@ -394,8 +556,12 @@ def generate(root: str, num_images: int = 700, num_clips: int = 140, seed: int =
   for split, items in instructions.items():
     with open(os.path.join(root, f"ferid_{split}.json"), "w") as f:
       json.dump(items, f, indent=1)
-  return {"root": root, "images": {"train": n_train, "test": n_test}, "clips": num_clips,
-          "dfew_ids": {name: dfew.index(name) + 1 for name in dfew}, "seconds": time.time() - t0}
+  out = {"root": root, "images": {"train": n_train, "test": n_test}, "clips": num_clips,
+         "dfew_ids": {name: dfew.index(name) + 1 for name in dfew}}
+  if num_au_subjects:
+    out["au"] = generate_au(root, num_au_subjects, au_tasks, au_frames, seed, image_size)
+  out["seconds"] = time.time() - t0
+  return out
 
 
 def _instruction(item_id: str, key: str, rel: str, label: str, rng: np.random.Generator,
@@ -415,8 +581,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   ap.add_argument("--num_images", type=int, default=700)
   ap.add_argument("--num_clips", type=int, default=140)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--num_au_subjects", type=int, default=0)
   a = ap.parse_args(argv)
-  print(json.dumps(generate(a.root, a.num_images, a.num_clips, a.seed), indent=1))
+  print(json.dumps(generate(a.root, a.num_images, a.num_clips, a.seed,
+                            num_au_subjects=a.num_au_subjects), indent=1))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ CONFIG_FILES = [f for f in CONFIG_FILES
 ARGS = {"default.py": [None, "video", "test", "video,test"],
         "emo_llama_7b.py": [None, "fsdp_tp", "dp,video"],
         "sweep.py": [None],
-        "posttrain.py": [None, "test", "7b", "7b,fsdp_tp,video"]}
+        "posttrain.py": [None, "test", "7b", "7b,fsdp_tp,video"],
+        "au_bp4d.py": ["bp4d", "disfa"]}
 
 
 def _load(path):
@@ -139,3 +140,20 @@ def test_sweep_expands():
       node = base
       for part in k.split("."):
         node = node[part]
+
+
+@pytest.mark.parametrize("name,arg", [("default.py", None), ("default.py", "test"),
+                                      ("au_bp4d.py", "bp4d"), ("au_bp4d.py", "disfa")])
+def test_au_section_is_valid(name, arg):
+  from emo_jax.train import au_train
+  from input_pipeline import au as au_lib
+  from input_pipeline import datasets
+  cfg = _load(os.path.join(ROOT, "configs", name)).get_config(arg)
+  assert au_train.enabled(cfg)
+  assert cfg.au.data.name in datasets.READERS
+  n = len(au_lib.dataset_aus(cfg.au.data.name))
+  assert au_train.head_config(cfg, n).num_aus == n
+  assert au_train.loss_config(cfg).margin == 0.05
+  assert set(int(f) for f in cfg.au.folds) <= {1, 2, 3}
+  if name == "au_bp4d.py":
+    assert n == (12 if arg == "bp4d" else 8) and not cfg.au.synthetic.generate

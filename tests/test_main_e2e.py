@@ -39,6 +39,11 @@ def test_main_job_train_eval_export(tmp_path):
   assert "groups" in report["modes"]["generate"]["synthetic_images"]   # AGR breakdown
   md = open(os.path.join(wd, "eval", "report.md")).read()
   assert "| synthetic_images |" in md
+  # The AU stage: a head per configured fold on the trained vision tower, in the report.
+  au = out["au"]
+  assert 0.0 <= au["mean_f1"] <= 1.0 and 0.0 < au["all_positive_mean_f1"] <= 1.0
+  assert list(au["folds"]) == ["1"] and "## Action units (synthetic_au)" in md
+  assert os.path.exists(os.path.join(wd, "au", "fold1", "au_head.safetensors"))
   exp = out["export"]
   assert os.path.exists(os.path.join(exp["hf"], "config.json"))
   assert os.path.exists(os.path.join(exp["bundle"], "emo_llama_config.json"))
@@ -48,3 +53,4 @@ def test_main_job_train_eval_export(tmp_path):
   # The same evaluation from the saved checkpoint reproduces the numbers.
   again = _main("--config=configs/default.py:test", f"--workdir={wd}", "--mode=eval")
   assert again["eval"] == ev
+  assert again["au"]["mean_f1"] == au["mean_f1"]       # the saved AU head, scored again

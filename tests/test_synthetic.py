@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from input_pipeline import datasets, labels, media, synthetic
+from input_pipeline.records import SkipCounter
 
 KW = dict(num_images=21, num_clips=10, image_size=64, clip_size=64, clip_frames=8)
 
@@ -107,3 +108,74 @@ def test_expressions_differ_and_clips_ramp_from_neutral():
   onset = np.abs(surprise[0].astype(int) - happy[0]).mean()
   apex = np.abs(surprise[-1].astype(int) - happy[-1]).mean()
   assert onset < 0.5 and apex > 3 * (onset + 0.5)  # both start neutral, end apart
+
+
+# ---------------------------------------------------------------- action units
+
+# sha256 prefixes of stills and a clip as drawn before the AU sequences existed (pinned
+# numpy / opencv): the AU data must not move the embedded default's images.
+_GOLDEN = {("image", 0): "de0f312a01ff1aed", ("image", 3): "b060f40c741c36a2",
+           ("image", 8): "a1c419103fe0384e", ("clip", 2): "019dfb2845997ecf"}
+
+
+def test_au_data_leaves_stills_and_clips_unchanged(tmp_path):
+  import hashlib
+  for (kind, i), want in _GOLDEN.items():
+    x = (synthetic.make_image(i, synthetic.CLASSES[i % 7], 64, 0) if kind == "image"
+         else synthetic.make_clip(i, synthetic.CLASSES[i % 7], 4, 32, 0))
+    assert hashlib.sha256(x.tobytes()).hexdigest()[:16] == want, (kind, i)
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  synthetic.generate(a, num_images=9, num_clips=0, seed=0, image_size=32)
+  out = synthetic.generate(b, num_images=9, num_clips=0, seed=0, image_size=32,
+                           num_au_subjects=3, au_tasks=2, au_frames=3)
+  assert out["au"]["frames"] == 18
+  for rel in _files(a):
+    assert filecmp.cmp(os.path.join(a, rel), os.path.join(b, rel), shallow=False), rel
+
+
+def test_au_labels_follow_the_drawing():
+  on = {c: {a for a, v in synthetic.au_labels(synthetic.expression_params(c, 0.8)).items() if v}
+        for c in synthetic.CLASSES}
+  assert {6, 12} <= on["happiness"] and {1, 2, 5, 26} <= on["surprise"]
+  assert {1, 4, 15} <= on["sadness"] and {9, 10} <= on["disgust"] and 4 in on["anger"]
+  assert on["neutral"] == set() and 12 not in on["sadness"] and 15 not in on["happiness"]
+  # A label flips exactly when its drawing parameter crosses the rule, and the pixels move.
+  p = synthetic.expression_params("neutral", 1.0)
+  style = synthetic._Style(np.random.default_rng(0))
+  base = synthetic.render("neutral", 0, style, 64, np.random.default_rng(1), params=p)
+  for key, value, au_id in (("mouth_curve", 0.08, 12), ("wrinkle", 1.0, 9),
+                            ("brow_gap", 0.03, 4), ("mouth_open", 0.1, 26)):
+    q = dict(p, **{key: value})
+    assert synthetic.au_labels(p)[au_id] == 0 and synthetic.au_labels(q)[au_id] == 1, key
+    img = synthetic.render("neutral", 0, style, 64, np.random.default_rng(1), params=q)
+    assert np.abs(img.astype(int) - base).sum() > 0, key
+
+
+def test_au_sequences_read_by_the_bp4d_reader(tmp_path):
+  from input_pipeline import au
+  root = str(tmp_path)
+  out = synthetic.generate_au(root, num_subjects=6, num_tasks=2, num_frames=4, seed=0,
+                              image_size=32)
+  skips = SkipCounter()
+  recs = datasets.load_records("synthetic_au", root, split=None, fold=1, skips=skips)
+  assert len(recs) == out["frames"] - skips.notes.get("au_not_coded", 0) and not skips.counts
+  assert {r.extra["subject"] for r in recs} == set(out["subjects"])
+  test_subjects = {r.extra["subject"] for r in recs if r.split == "test"}
+  assert test_subjects and test_subjects <= set(au.fold_subjects("bp4d", 1, "test"))
+  # Labels are the rules applied to the parameters each frame was drawn with.
+  aus = au.dataset_aus("synthetic_au")
+  assert aus == synthetic.AUS
+  si = out["subjects"].index(recs[0].extra["subject"])
+  _, labels, _ = synthetic.make_au_sequence(si, int(recs[0].extra["task"][1:]) - 1, 4, 32, 0)
+  by_frame = {r.extra["frame"]: r for r in recs
+              if (r.extra["subject"], r.extra["task"]) == (recs[0].extra["subject"],
+                                                           recs[0].extra["task"])}
+  first = min(by_frame)
+  for k, lab in enumerate(labels):
+    if first + k in by_frame:
+      assert by_frame[first + k].aus == tuple(lab[a] for a in aus)
+  # The CSV says 9 (not coded) for AUs the faces cannot show, e.g. AU14 and AU17.
+  import csv
+  rows = list(csv.reader(open(os.path.join(root, "AUCoding", "AU_OCC",
+                                           f"{out['subjects'][0]}_T1.csv"))))
+  assert rows[1][14] == "9" and rows[1][17] == "9"

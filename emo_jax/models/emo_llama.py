@@ -467,13 +467,19 @@ class EmoLlama(Module):
     # The face prior is always frozen (EMO-LLaMA): no gradient flows into it.
     return jax.lax.stop_gradient(g), jax.lax.stop_gradient(loc)
 
-  def encode_frames(self, batch: Mapping[str, Any]) -> jax.Array:
+  def encode_frames(self, batch: Mapping[str, Any], feats: jax.Array | None = None
+                    ) -> jax.Array:
     """Visual tokens [B, N * F * tokens_per_frame, D] in slot order (padding frames included;
-    N = 1 for `qformer_ids` [B, Tq], else its turn axis)."""
+    N = 1 for `qformer_ids` [B, Tq], else its turn axis).
+
+    `feats`: the vision tower's features [B*F, 1+P, Cv] when already computed (e.g. by the
+    AU head's shared forward, emo_jax.models.au_former); None runs the tower here.
+    """
     cfg = self.config
     frames = self.vision_inputs(batch["frames"])
     b, f = frames.shape[:2]
-    feats = self.vision_tower(frames.reshape((b * f,) + frames.shape[2:]))
+    if feats is None:
+      feats = self.vision_tower(frames.reshape((b * f,) + frames.shape[2:]))
     if "vision" not in cfg.trainable:
       feats = jax.lax.stop_gradient(feats)
     qids = jnp.asarray(batch["qformer_ids"])

@@ -171,30 +171,38 @@ def _batches(n: int, size: int):
     yield s, min(s + size, n)
 
 
+def generate_texts(scorer: Scorer, builder, tokenizer, prompts, skips, batch_size: int,
+                   buckets, *, with_agr: bool = False) -> tuple[list[int], list[str], Any]:
+  """Greedy answers to records whose conversation is one user turn: (indices kept, decoded
+  answers up to EOS, AGR predictions [n, 3] or None). Skipped records are counted."""
+  exs = build_examples(builder, prompts, skips)
+  kept = [i for i, e in enumerate(exs) if e is not None]
+  answers, agrs = [], []
+  for s, e in _batches(len(kept), batch_size):
+    idx = kept[s:e]
+    batch = collate([exs[i] for i in idx], batch_size, buckets, tokenizer.pad_id)
+    out = scorer.generate(batch)[:len(idx)]
+    a = scorer.agr(batch) if with_agr else None
+    if a is not None:
+      agrs.append(np.stack(a, 1)[:len(idx)])
+    for row in out:
+      row = [int(t) for t in row]
+      if tokenizer.eos_id in row:
+        row = row[:row.index(tokenizer.eos_id)]
+      answers.append(tokenizer.decode([t for t in row if t >= 0]))
+  return kept, answers, (np.concatenate(agrs) if agrs else None)
+
+
 def predict_generate(scorer: Scorer, builder, tokenizer, records, skips, batch_size: int,
                      buckets) -> dict:
   """Generated answers -> class indices. Returns dict(pred, label, answers, agr, kept)."""
   qs = [question_and_options(r) for r in records]
   prompts = [with_turns(r, q, None) for r, (q, _, _) in zip(records, qs)]
-  exs = build_examples(builder, prompts, skips)
-  kept = [i for i, e in enumerate(exs) if e is not None]
-  preds, answers, agrs = [], [], []
-  for s, e in _batches(len(kept), batch_size):
-    idx = kept[s:e]
-    batch = collate([exs[i] for i in idx], batch_size, buckets, tokenizer.pad_id)
-    out = scorer.generate(batch)[:len(idx)]
-    a = scorer.agr(batch)
-    if a is not None:
-      agrs.append(np.stack(a, 1)[:len(idx)])
-    for i, row in zip(idx, out):
-      row = [int(t) for t in row]
-      if tokenizer.eos_id in row:
-        row = row[:row.index(tokenizer.eos_id)]
-      text = tokenizer.decode([t for t in row if t >= 0])
-      answers.append(text)
-      preds.append(metrics_lib.parse_answer(text, qs[i][1]))
+  kept, answers, agr = generate_texts(scorer, builder, tokenizer, prompts, skips, batch_size,
+                                      buckets, with_agr=True)
+  preds = [metrics_lib.parse_answer(text, qs[i][1]) for i, text in zip(kept, answers)]
   return {"pred": np.asarray(preds, np.int64), "label": np.asarray([qs[i][2] for i in kept]),
-          "answers": answers, "agr": np.concatenate(agrs) if agrs else None, "kept": kept,
+          "answers": answers, "agr": agr, "kept": kept,
           "options": [qs[i][1] for i in kept]}
 
 

@@ -183,6 +183,10 @@ def pipeline_config(config, model_cfg: emo_llama.EmoLlamaConfig, **overrides
   d.setdefault("agr_template", model_cfg.agr_template)  # the prompt the model's own AGR uses
   if model_cfg.use_face and model_cfg.face_prior == "tiny":
     d["face_size"] = model_cfg.tiny_face_prior.image_size
+  au = config.get("au")
+  if au is not None and au.get("prompt") and au.prompt.get("enabled", False):
+    d["au_prompt"] = au.prompt.get("source", "labels")   # AU sentence (emo_jax.train.au_train)
+    d["au_template"] = au.prompt.template
   d.update(overrides)
   return pipeline_lib.PipelineConfig.from_dict(d)
 

@@ -11,7 +11,7 @@ from typing import Any
 from emo_jax import dtypes
 from emo_jax.train.errors import ConfigError
 
-MODES = ("train", "eval", "predict", "export", "dpo", "grpo")
+MODES = ("train", "eval", "predict", "export", "dpo", "grpo", "au")
 EVAL_MODES = ("generate", "likelihood")
 EXPORT_FORMATS = ("hf", "peft", "bundle")
 FACE_MODES = ("detect", "aligned")

@@ -24,8 +24,8 @@ import functools
 import os
 from typing import Any, Callable
 
-from input_pipeline.datasets import (_common, affectnet, dfew, ferid, ferplus, ferv39k, mafw,
-                                     rafdb)
+from input_pipeline.datasets import (_common, affectnet, bp4d, dfew, disfa, ferid, ferplus,
+                                     ferv39k, mafw, rafdb)
 from input_pipeline.records import BadInputError, Record, SkipCounter
 
 SYNTHETIC_KINDS = ("all", "image", "video", "instructions")
@@ -66,6 +66,9 @@ READERS: dict[str, Callable[..., list[Record]]] = {
     "mafw": mafw.load,
     "ferid": ferid.load,
     "synthetic": _load_synthetic,
+    "bp4d": bp4d.load,
+    "disfa": disfa.load,
+    "synthetic_au": functools.partial(bp4d.load, dataset="synthetic_au"),
 }
 
 
@@ -76,10 +79,12 @@ def load_records(name: str, root: str, split: str | None = "train", fold: int | 
 
   Args:
     name: one of READERS ('rafdb', 'affectnet', 'affectnet7', 'ferplus', 'dfew',
-      'ferv39k', 'mafw', 'ferid', 'synthetic').
+      'ferv39k', 'mafw', 'ferid', 'synthetic'; action units: 'bp4d', 'disfa' and
+      'synthetic_au', the synthetic faces' BP4D-layout AU data).
     root: the dataset's top folder as downloaded (a JSON file or folder for 'ferid').
     split: 'train' | 'test' (| 'val' for AffectNet / FERPlus), or None for every split.
-    fold: 1..5 for DFEW / MAFW (default 1); ignored by single-split datasets.
+    fold: 1..5 for DFEW / MAFW, 1..3 for BP4D / DISFA (default 1); ignored by
+      single-split datasets.
     strict: raise BadInputError on the first bad input instead of counting it.
     skips: the counter to add skips to (create one and call `report()` at the end).
     **options: reader-specific, e.g. media='frames' (DFEW, FERV39k, MAFW),
