@@ -53,4 +53,3 @@ def test_main_job_train_eval_export(tmp_path):
   # The same evaluation from the saved checkpoint reproduces the numbers.
   again = _main("--config=configs/default.py:test", f"--workdir={wd}", "--mode=eval")
   assert again["eval"] == ev
-  assert again["au"]["mean_f1"] == au["mean_f1"]       # the saved AU head, scored again
