@@ -60,19 +60,22 @@ def read_csv(path: str, encodings: Sequence[str] = ("utf-8-sig",)) -> list[list[
 
 def dedupe(records: list[Record], skips: SkipCounter) -> list[Record]:
   """The one duplicate rule of every reader: the same sample (split, fold, media file or,
-  for inline pixels, id and, for instruction data, conversation) listed twice is kept once and counted ('duplicate');
+  for inline pixels, id; the frame of a video for per-frame labels; for instruction data,
+  the conversation) listed twice is kept once and counted ('duplicate');
   listed with different labels it is dropped entirely and counted ('conflicting_labels'),
   since no one can tell which label is right."""
   groups: dict[tuple, list[int]] = {}
   for i, r in enumerate(records):
     conv = json.dumps(r.conversations, sort_keys=True) if r.conversations else None
     media = r.media or f"{r.dataset}:{r.id}"   # rows with inline pixels have no file
-    groups.setdefault((r.dataset, r.split, r.fold, media, conv), []).append(i)
+    frame = r.extra.get("frame") if isinstance(r.extra, dict) else None
+    groups.setdefault((r.dataset, r.split, r.fold, media, frame, conv), []).append(i)
   drop: set[int] = set()
   for key, idx in groups.items():
     if len(idx) == 1:
       continue
-    labels = sorted({str(records[i].label) for i in idx})
+    labels = sorted({str((records[i].label, records[i].aus)) if records[i].aus is not None
+                     else str(records[i].label) for i in idx})
     media = key[3] if isinstance(key[3], str) else (key[3][0] if key[3] else "?")
     if len(labels) > 1:
       for _ in idx:
