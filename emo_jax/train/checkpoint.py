@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any, Iterator
 
@@ -54,10 +53,6 @@ def _exists(path: str) -> bool:
 
 def _listdir(path: str) -> list[str]:
   return sorted(os.listdir(path)) if os.path.isdir(path) else []
-
-
-def _rmtree(path: str) -> None:
-  shutil.rmtree(path)
 
 
 def step_folders(directory: str) -> dict[int, bool]:
