@@ -54,7 +54,7 @@ def test_each_au_expert_has_its_own_weights():
   y0 = call(group, x)
   assert y0.shape == x.shape and np.all(np.asarray(y0[:, :, 0]) == 0)   # CLS slot untouched
   k = group.conv_in.kernel[...]
-  group.conv_in.kernel[...] = k.at[..., 4:8].add(1.0)      # output channels of AU 1's group
+  group.conv_in.kernel[...] = k.at[1].add(1.0)              # AU 1's own kernel
   y1 = call(group, x)
   changed = [not np.allclose(y0[a], y1[a]) for a in range(3)]
   assert changed == [False, True, False]
@@ -121,3 +121,19 @@ def test_config_errors_are_clear():
                          VisionTransformer(VIT, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
   out = nnx.jit(lambda d, x: d(x))(_detector(ca_softmax="channels", layers=(1,)), _pixels())
   assert out.deep_logits.shape == (1, 2, 3)
+
+
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_im2col_equals_grouped_dilated_conv(dilation):
+  rng = np.random.default_rng(dilation)
+  a, b, o, g = 3, 2, 4, 6
+  x = jnp.asarray(rng.normal(size=(2, g, g, a, b)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(a, 9 * b, o)), jnp.float32)   # taps (i, j) major, then b
+  got = jnp.einsum("nhwak,ako->nhwao", au_former._taps(x, dilation), w)
+  # The same as lax's grouped convolution: kernel [3, 3, b, a * o] (HWIO, group-major).
+  k = w.reshape(a, 3, 3, b, o).transpose(1, 2, 3, 0, 4).reshape(3, 3, b, a * o)
+  want = jax.lax.conv_general_dilated(
+      x.reshape(2, g, g, a * b), k, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=a,
+      precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(got.reshape(2, g, g, a * o), want, rtol=1e-4, atol=1e-4)

@@ -29,8 +29,9 @@ then a per-AU linear), the final head (LayerNorm, `pool` of the tokens, MLP of w
 `head_hidden`), which blocks carry experts (`layers`), and the output convolution's zero
 initialisation (the adapted stream starts equal to the frozen one, as adapters usually do).
 
-All AU experts of a group are computed at once as grouped convolutions (group i = AU i),
-so each AU keeps its own weights. Shared backbone: `__call__(vit, pixels)` also returns the
+All AU experts of a group are computed at once: per-AU kernels [A, din, dout] applied as
+batched matmuls, 3x3 (dilated) convolutions as matmuls over the 3x3 neighbourhoods
+(im2col), so each AU keeps its own weights. Shared backbone: `__call__(vit, pixels)` also returns the
 frozen ViT's own features (`features`, equal to `vit(pixels)`) from the same pass, so one
 forward gives the AU logits and the LLM's visual tokens (`visual_tokens='frozen'`); with
 `visual_tokens='adapted'` the features are the expert-adapted stream instead (no second
@@ -98,28 +99,45 @@ class AUOutput(NamedTuple):
   features: jax.Array | None        # [N, 1 + P, C] visual features for the LLM side
 
 
-def _conv(din: int, dout: int, k: int, groups: int, *, rngs: nnx.Rngs, dilation: int = 1,
-          zero: bool = False) -> nnx.Conv:
-  kw = {"kernel_init": nnx.initializers.zeros_init()} if zero else {}
-  return nnx.Conv(din, dout, kernel_size=(k, k), padding="SAME", kernel_dilation=dilation,
-                  feature_group_count=groups, rngs=rngs, **kw)
+class GroupLinear(nnx.Module):
+  """Per-AU linear map: [..., A, din] -> [..., A, dout] with AU i's own kernel [din, dout]
+  (a grouped 1x1 convolution written as one batched matmul)."""
+
+  def __init__(self, groups: int, din: int, dout: int, *, rngs: nnx.Rngs, zero: bool = False):
+    init = nnx.initializers.zeros_init() if zero else nnx.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+    self.kernel = nnx.Param(init(rngs.params(), (groups, din, dout)))
+    self.bias = nnx.Param(jnp.zeros((groups, dout)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("...ai,aio->...ao", x, self.kernel[...]) + self.bias[...]
+
+
+def _taps(x: jax.Array, dilation: int) -> jax.Array:
+  """3x3 neighbourhoods (zero padded, dilated) of a grid [N, g, g, A, b] -> [N, g, g, A, 9b]:
+  a grouped 3x3 convolution with SAME padding is GroupLinear over these (im2col: batched
+  matmuls instead of grouped convolutions)."""
+  d = dilation
+  g = x.shape[1]
+  xp = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0), (0, 0)))
+  return jnp.concatenate([xp[:, i * d:i * d + g, j * d:j * d + g]
+                          for i in range(3) for j in range(3)], axis=-1)
 
 
 class MoKEGroup(nnx.Module):
-  """One expert per AU (grouped convolutions): [A, N, 1+P, C] -> [A, N, 1+P, C]."""
+  """One expert per AU, each with its own weights: [A, N, 1+P, C] -> [A, N, 1+P, C]."""
 
   def __init__(self, width: int, cfg: AUFormerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     a, b, c = cfg.num_aus, cfg.bottleneck, width
-    self.conv_in = _conv(a * c, a * b, 1, a, rngs=rngs)
-    self.conv_mid = _conv(a * b, a * b, 3, a, rngs=rngs)
-    self.mrf = nnx.List([_conv(a * b, a * b, 3, a, dilation=r, rngs=rngs)
-                         for r in cfg.dilations])
-    self.mrf_fuse = _conv(a * b * len(cfg.dilations), a * b, 1, a, rngs=rngs)
-    self.ca_q = _conv(a * b, a * b, 1, a, rngs=rngs)
-    self.ca_k = _conv(a * b, a * b, 1, a, rngs=rngs)
-    self.ca_v = _conv(a * b, a * b, 1, a, rngs=rngs)
-    self.conv_out = _conv(a * b, a * c, 1, a, rngs=rngs, zero=cfg.zero_init_out)
+    self.conv_in = GroupLinear(a, c, b, rngs=rngs)                    # 1x1
+    self.conv_mid = GroupLinear(a, 9 * b, b, rngs=rngs)               # 3x3
+    self.mrf = nnx.List([GroupLinear(a, 9 * b, b, rngs=rngs) for _ in cfg.dilations])
+    self.mrf_fuse = GroupLinear(a, b * len(cfg.dilations), b, rngs=rngs)   # 1x1
+    self.ca_q = GroupLinear(a, b, b, rngs=rngs)
+    self.ca_k = GroupLinear(a, b, b, rngs=rngs)
+    self.ca_v = GroupLinear(a, b, b, rngs=rngs)
+    self.conv_out = GroupLinear(a, b, c, rngs=rngs, zero=cfg.zero_init_out)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.cfg
@@ -129,11 +147,10 @@ class MoKEGroup(nnx.Module):
     g = int(round(p ** 0.5))
     if g * g != p:
       raise ValueError(f"{p} patch tokens do not form a square grid")
-    grid = jnp.transpose(x[:, :, 1:], (1, 2, 0, 3)).reshape(n, g, g, a * c)   # AU-major chans
-    m = self.conv_mid(jax.nn.gelu(self.conv_in(grid), approximate=False))
-    branches = [conv(m).reshape(n, g, g, a, b) for conv in self.mrf]
-    cat = jnp.stack(branches, axis=4).reshape(n, g, g, a * len(branches) * b)
-    k_mrf = self.mrf_fuse(cat)
+    grid = jnp.transpose(x[:, :, 1:], (1, 2, 0, 3)).reshape(n, g, g, a, c)
+    m = self.conv_mid(_taps(jax.nn.gelu(self.conv_in(grid), approximate=False), 1))
+    k_mrf = self.mrf_fuse(jnp.concatenate([conv(_taps(m, r)) for conv, r in
+                                           zip(self.mrf, cfg.dilations)], axis=-1))
     q, k, v = (f(m).reshape(n, p, a, b) for f in (self.ca_q, self.ca_k, self.ca_v))
     s = (q * k).astype(jnp.float32) * (b ** -0.5)
     if cfg.ca_softmax == "positions":
@@ -141,7 +158,7 @@ class MoKEGroup(nnx.Module):
       k_ca = jnp.broadcast_to(jnp.sum(corr * v, axis=1, keepdims=True), (n, p, a, b))
     else:
       k_ca = jax.nn.softmax(s, axis=-1).astype(v.dtype) * v
-    h = m + k_mrf + k_ca.reshape(n, g, g, a * b)
+    h = m + k_mrf + k_ca.reshape(n, g, g, a, b)
     out = self.conv_out(jax.nn.gelu(h, approximate=False)).reshape(n, p, a, c)
     out = jnp.transpose(out, (2, 0, 1, 3))
     return jnp.concatenate([jnp.zeros((a, n, 1, c), out.dtype), out], axis=2)
