@@ -207,7 +207,11 @@ def test_n_choices(server, client):
 
 
 def test_concurrent_requests_equal_one_at_a_time(server, client):
-  msgs = [_image_msg(_data_uri(p, "image/png")) for p in server["images"][1:9]]
+  questions = ["How does this person feel?", "Describe the face.", "What is the emotion?",
+               "Is this person happy?", "Tell me about the expression.", "Why?",
+               "What do you see?", "Name the feeling shown."]
+  msgs = [_image_msg(_data_uri(p, "image/png"), text=q)
+          for p, q in zip(server["images"][1:9], questions)]
 
   def ask(m):
     c = client.chat.completions.create(model="emo-llama", messages=m, max_tokens=8)
@@ -223,6 +227,7 @@ def test_concurrent_requests_equal_one_at_a_time(server, client):
   assert after["requests"] - before["requests"] == 8
   assert after["batches"] - before["batches"] < 8          # some requests ran together
   assert after["largest_batch"] > 1 and after["compiles"] == before["compiles"]
+  assert len({a for a, _ in alone}) > 1     # rows differ, so a mix-up would show
   for (a_text, a_p), (t_text, t_p) in zip(alone, together):
     assert a_text == t_text
     for k in a_p:
