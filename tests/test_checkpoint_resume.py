@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from emo_jax.train import checkpoint as ckpt_lib
+from resume_testutil import REPO, _env, _final_arrays, _run_until, _summary  # noqa: F401
 
 
 def _iter(seed=1):
@@ -95,8 +96,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 NUM_STEPS = 12
 
@@ -110,42 +109,6 @@ def _cmd(workdir, data_root, every_steps):
           "--config.eval.at_end=False", "--config.export.at_end=False"]
 
 
-def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
-def _run_until(cmd, at_step, sig, timeout=600):
-  """Starts the job; sends `sig` once it printed step=`at_step` (None: run to the end).
-  Returns (returncode, stdout)."""
-  p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True)
-  out = []
-  t0 = time.time()
-  for line in p.stdout:
-    out.append(line)
-    if at_step is not None and line.startswith(f"step={at_step} "):
-      p.send_signal(sig)
-      at_step = None
-    if time.time() - t0 > timeout:
-      p.kill()
-      raise TimeoutError("".join(out[-30:]))
-  p.wait()
-  return p.returncode, "".join(out)
-
-
-def _final_arrays(workdir):
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  step = ck.latest_step()
-  restored = ck.manager.restore(step, args=ckpt_lib.ocp.args.Composite(
-      state=ckpt_lib.ocp.args.StandardRestore()))
-  ck.close()
-  return step, {k: np.asarray(v) for k, v in restored["state"].items()}
-
-
 def _hashes(workdir):
   seen = {}
   with open(os.path.join(workdir, "batch_hashes.0.jsonl")) as f:
@@ -153,10 +116,6 @@ def _hashes(workdir):
       r = json.loads(line)
       seen.setdefault(r["step"], set()).add(r["sha1"])
   return seen
-
-
-def _summary(out):
-  return json.loads(out[out.rindex("\n{"):])
 
 
 @pytest.mark.slow

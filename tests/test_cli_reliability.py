@@ -291,14 +291,14 @@ def test_sigint_saves_like_sigterm(trained, tmp_path, capsys, monkeypatch):
   from emo_jax.train import loop
   wd0, _ = trained
   wd = tmp_path / "wd"
-  real, calls = loop._global_batch, []
+  real, calls = loop.sharding_lib.to_global_batch, []
 
   def ctrl_c_during_first_batch(*a, **k):
     calls.append(1)
     if len(calls) == 1:
       os.kill(os.getpid(), signal.SIGINT)
     return real(*a, **k)
-  monkeypatch.setattr(loop, "_global_batch", ctrl_c_during_first_batch)
+  monkeypatch.setattr(loop.sharding_lib, "to_global_batch", ctrl_c_during_first_batch)
   code, out, err = cli([CONFIG, f"--workdir={wd}", f"--config.data.root={wd0}/data",
                         "--config.train.num_steps=2", "--config.checkpoint.every_steps=1000",
                         *NO_END], capsys)

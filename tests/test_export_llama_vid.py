@@ -18,7 +18,7 @@ from emo_jax.convert import hf
 from emo_jax.convert.safetensors_io import CheckpointError, CheckpointReader
 from emo_jax.models import lora
 from emo_jax.models.emo_llama import EmoLlama, EmoLlamaConfig, dummy_batch
-from tests import test_convert_llama_vid as lv
+import llamavid_testutil as lv
 
 ENC = 20  # the Q-Former's cross-attention width != the ViT's 24: vlm_att_bert_proj
 

@@ -12,8 +12,7 @@ from flax import nnx
 from emo_jax.models.emo_llama import EmoLlama, EmoLlamaConfig
 from input_pipeline import pipeline, template, tokenizers
 from input_pipeline.records import Record, SkipCounter
-from tests.test_tokenizers_template import (BERT_VOCAB, _reference_ids_and_mask,
-                                            train_sentencepiece)
+from tokenizer_testutil import BERT_VOCAB, reference_ids_and_mask, train_sentencepiece
 
 QUESTIONS = ("<image>\nWhat is the facial expression of the person in the video?",
              "Why?", "Is she sad?")
@@ -86,7 +85,7 @@ def test_loss_mask_covers_exactly_the_three_answers(setup):
   rounds = template.parse_turns(conversation(), per_turn_images=True)
   prompt = template.render_prompt(rounds, image_positions=["start"] * TURNS)
   assert prompt.count("<image>") == TURNS and "USER: <image>\nWhy? ASSISTANT:" in prompt
-  ref_ids, ref_mask = _reference_ids_and_mask(llama, prompt, ANSWERS, slots)
+  ref_ids, ref_mask = reference_ids_and_mask(llama, prompt, ANSWERS, slots)
   n = len(ref_ids)
   np.testing.assert_array_equal(ids[:n], ref_ids)
   np.testing.assert_array_equal(mask[:n], ref_mask)
@@ -167,7 +166,7 @@ def test_placeholder_at_a_turns_end_tokenises_as_the_rendered_prompt(setup, posi
         image_position=position, rng=np.random.default_rng(seed))
     rounds = template.parse_turns(conversation(), per_turn_images=True)
     prompt = template.render_prompt(rounds, image_positions=out.image_positions)
-    ref_ids, ref_mask = _reference_ids_and_mask(llama, prompt, ANSWERS, 3)
+    ref_ids, ref_mask = reference_ids_and_mask(llama, prompt, ANSWERS, 3)
     np.testing.assert_array_equal(out.input_ids, ref_ids)
     np.testing.assert_array_equal(out.loss_mask, ref_mask)
     assert out.image_positions[0] == "start" and len(out.image_starts) == TURNS

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_checkpoint_resume import REPO, _final_arrays, _run_until, _summary
+from resume_testutil import REPO, _final_arrays, _run_until, _summary
 
 NUM_STEPS = 6
 TIMEOUT = 1800   # seconds per subprocess (a loaded 2-core machine)

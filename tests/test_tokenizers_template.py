@@ -6,6 +6,7 @@ import pytest
 
 from input_pipeline import instructions, labels, template, tokenizers
 from input_pipeline.records import BadInputError, Record
+from tokenizer_testutil import BERT_VOCAB, reference_ids_and_mask
 
 
 def test_llama_tokenizer_ids_and_pickle(llama_tok):
@@ -75,36 +76,6 @@ def test_qformer_text_is_the_llamavid_guided_prompt(bert_vocab):
     assert ours.decode(ids).endswith("fear } .")  # the end survives, the start goes
     assert ids[mask.sum() - 1] == ours.sep_id and ids[0] == ours.cls_id
 
-
-def _reference_ids_and_mask(tok, prompt, answers, num_slots):
-  """Tokenises the rendered prompt in its '<image>' / '</s>' chunks with SentencePiece's own
-  character offsets; a token is an answer token iff its span lies inside ' {answer}'."""
-  spans = []  # answer char spans [space before answer, end of answer)
-  pos = 0
-  for a in answers:
-    s = prompt.index(f" {a}</s>", pos)
-    spans.append((s, s + 1 + len(a)))
-    pos = s + 1 + len(a)
-  ids, mask = [tok.bos_id], [0]
-  offset = 0
-  for i, image_chunk in enumerate(prompt.split(template.IMAGE_TOKEN)):
-    if i:
-      ids += [template.IMAGE_TOKEN_ID] * num_slots
-      mask += [0] * num_slots
-      offset += len(template.IMAGE_TOKEN)
-    for j, chunk in enumerate(image_chunk.split("</s>")):
-      if j:
-        ids.append(tok.eos_id)
-        mask.append(1)
-        offset += len("</s>")
-      if chunk:
-        for tid, b, e in tok.encode_with_offsets(chunk):
-          ids.append(tid)
-          mask.append(int(any(s <= offset + b and offset + e <= t for s, t in spans)))
-      offset += len(chunk)
-  return ids, mask
-
-
 CONV = [
     {"from": "human", "value": "What is the facial expression of the person in the image? <image>"},
     {"from": "gpt", "value": "happy, she looks happy."},
@@ -124,7 +95,7 @@ def test_loss_mask_exactly_on_answers_multiturn(llama_tok, agr):
   prompt = template.render_prompt(rounds, agr_sentence=agr)
   assert prompt.startswith(template.VICUNA_V1.system + " USER: <image>\n")
   assert prompt.count("</s>") == 3 and prompt.endswith("ASSISTANT: sadness</s>")
-  ref_ids, ref_mask = _reference_ids_and_mask(llama_tok, prompt, [r.answer for r in rounds], slots)
+  ref_ids, ref_mask = reference_ids_and_mask(llama_tok, prompt, [r.answer for r in rounds], slots)
   np.testing.assert_array_equal(out.input_ids, ref_ids)  # token by token
   np.testing.assert_array_equal(out.loss_mask, ref_mask)
   assert not out.truncated and out.num_rounds == 3
@@ -151,7 +122,7 @@ def test_loss_mask_exactly_on_answers_multiturn(llama_tok, agr):
 def test_generation_prompt_ends_with_assistant(llama_tok):
   out = template.tokenize_conversation(CONV[:3], llama_tok, num_visual_slots=2, max_length=999)
   assert llama_tok.decode(out.input_ids).endswith("USER: Why? ASSISTANT:")
-  ref_ids, _ = _reference_ids_and_mask(llama_tok, template.render_prompt(
+  ref_ids, _ = reference_ids_and_mask(llama_tok, template.render_prompt(
       template.parse_turns(CONV[:3])), ["happy, she looks happy."], 2)
   np.testing.assert_array_equal(out.input_ids, ref_ids)
   assert out.loss_mask[-5:].sum() == 0

@@ -40,3 +40,32 @@ def write_bert_vocab(directory) -> str:
   path = directory / "vocab.txt"
   path.write_text("\n".join(BERT_VOCAB) + "\n")
   return str(path)
+
+
+def reference_ids_and_mask(tok, prompt, answers, num_slots):
+  """Tokenises the rendered prompt in its '<image>' / '</s>' chunks with SentencePiece's own
+  character offsets; a token is an answer token iff its span lies inside ' {answer}'."""
+  spans = []  # answer char spans [space before answer, end of answer)
+  pos = 0
+  for a in answers:
+    s = prompt.index(f" {a}</s>", pos)
+    spans.append((s, s + 1 + len(a)))
+    pos = s + 1 + len(a)
+  ids, mask = [tok.bos_id], [0]
+  offset = 0
+  for i, image_chunk in enumerate(prompt.split(template.IMAGE_TOKEN)):
+    if i:
+      ids += [template.IMAGE_TOKEN_ID] * num_slots
+      mask += [0] * num_slots
+      offset += len(template.IMAGE_TOKEN)
+    for j, chunk in enumerate(image_chunk.split("</s>")):
+      if j:
+        ids.append(tok.eos_id)
+        mask.append(1)
+        offset += len("</s>")
+      if chunk:
+        for tid, b, e in tok.encode_with_offsets(chunk):
+          ids.append(tid)
+          mask.append(int(any(s <= offset + b and offset + e <= t for s, t in spans)))
+      offset += len(chunk)
+  return ids, mask

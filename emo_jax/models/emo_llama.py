@@ -543,8 +543,12 @@ class EmoLlama(Module):
     input_ids = batch["input_ids"]
     frame_mask = jnp.asarray(batch["frame_mask"]).astype(bool)
     num_frames = frame_mask.shape[1]
-    qids = batch["qformer_ids"]
-    self._check_slots(input_ids, num_frames, 1 if len(qids.shape) == 2 else qids.shape[1])
+    if visual is not None:
+      turns = visual.shape[1] // (num_frames * cfg.tokens_per_frame)
+    else:
+      qids = batch["qformer_ids"]
+      turns = 1 if len(qids.shape) == 2 else qids.shape[1]
+    self._check_slots(input_ids, num_frames, turns)
     input_ids = jnp.asarray(input_ids)
     attention_mask = jnp.asarray(batch["attention_mask"])
     if visual is None:

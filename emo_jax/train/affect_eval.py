@@ -25,7 +25,6 @@ generator (`evaluate.generate_texts`). Written to `<workdir>/eval/affect_report.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Sequence
 
 import jax
@@ -40,6 +39,7 @@ from emo_jax.train import task as task_lib
 from input_pipeline import au as au_lib
 from input_pipeline import instructions as inst_lib
 from input_pipeline import labels as labels_lib
+from input_pipeline import paths
 from input_pipeline import pipeline as pipeline_lib
 from input_pipeline.records import Record, SkipCounter
 
@@ -191,11 +191,10 @@ def run(config, workdir: str, model=None, step: int | None = None) -> dict:
     report["answers"][task] = [{"id": its[i][0].id, "answer": a} for i, a in zip(kept, answers)]
     logging.info("affect eval %s: %s", task, report["tasks"][task])
   report["skipped"] = skips.counts
-  out = os.path.join(workdir, "eval")
+  out = paths.join(workdir, "eval")
   if jax.process_index() == 0:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "affect_report.json"), "w") as f:
-      json.dump(report, f, indent=1, default=float)
-    with open(os.path.join(out, "affect_report.md"), "w") as f:
-      f.write(markdown(report))
-  return {"tasks": report["tasks"], "report": os.path.join(out, "affect_report.json")}
+    paths.makedirs(out)
+    paths.write_text(paths.join(out, "affect_report.json"),
+                     json.dumps(report, indent=1, default=float))
+    paths.write_text(paths.join(out, "affect_report.md"), markdown(report))
+  return {"tasks": report["tasks"], "report": paths.join(out, "affect_report.json")}

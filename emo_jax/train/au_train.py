@@ -36,6 +36,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from emo_jax.convert import safetensors_io
 from emo_jax.models import au_former
 from emo_jax.models import pixels as pixels_lib
 from emo_jax.train import au_loss
@@ -47,6 +48,7 @@ from emo_jax.train import task as task_lib
 from input_pipeline import au as au_lib
 from input_pipeline import au_data
 from input_pipeline import datasets as datasets_lib
+from input_pipeline import paths
 from input_pipeline.records import SkipCounter
 
 MARKER = "AU_GENERATED.json"
@@ -113,21 +115,24 @@ def _loss_fn(lcfg: au_loss.AULossConfig, dtype):
 
 
 def _head_path(workdir: str, fold: int) -> str:
-  return os.path.join(workdir, "au", f"fold{fold}", "au_head.safetensors")
+  return paths.join(workdir, "au", f"fold{fold}", "au_head.safetensors")
 
 
 def save_head(head: au_former.AUFormer, path: str) -> None:
-  from emo_jax.convert import safetensors_io
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  """Writes the head's parameters as safetensors (a cloud `path` is written locally, then
+  uploaded)."""
   flat = {opt_lib.path_str(p): np.asarray(v)
           for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(head, nnx.Param))}
-  safetensors_io.write_safetensors(
-      path, [(k, v.shape, v.dtype, (lambda v=v: v)) for k, v in sorted(flat.items())])
+  folder, name = path.rstrip("/").rsplit("/", 1) if "/" in path else (".", path)
+  with paths.staged_dir(folder) as local:
+    safetensors_io.write_safetensors(
+        os.path.join(local, name),
+        [(k, v.shape, v.dtype, (lambda v=v: v)) for k, v in sorted(flat.items())])
 
 
 def load_head(head: au_former.AUFormer, path: str) -> None:
-  from emo_jax.convert import safetensors_io
-  tensors = dict(safetensors_io.iter_tensors(path))
+  with paths.local_copy(path) as local:
+    tensors = dict(safetensors_io.iter_tensors(local))
   state = nnx.state(head, nnx.Param)
   leaves = jax.tree_util.tree_leaves_with_path(state)
   missing = [opt_lib.path_str(p) for p, _ in leaves if opt_lib.path_str(p) not in tensors]
@@ -233,7 +238,7 @@ def run(config, workdir: str, model=None, *, train: bool = True) -> dict:
     train_recs = records(config, root, "train", fold, skips)
     test_recs = records(config, root, "test", fold, skips)
     path = _head_path(workdir, fold)
-    if os.path.exists(path):
+    if paths.exists(path):
       head = au_former.build_head(head_config(config, len(aus)), vit, rngs=nnx.Rngs(0))
       load_head(head, path)
       det = au_former.AUDetector(vit, head)
@@ -260,31 +265,27 @@ def run(config, workdir: str, model=None, *, train: bool = True) -> dict:
                rep["all_positive_mean_f1"])
   return {"mean_f1": rep["mean_f1"], "all_positive_mean_f1": rep["all_positive_mean_f1"],
           "folds": {k: v["mean_f1"] for k, v in rep["folds"].items()},
-          "report": os.path.join(workdir, "eval", "au_report.json")}
+          "report": paths.join(workdir, "eval", "au_report.json")}
 
 
 def _write(workdir: str, rep: dict, name: str) -> None:
   if jax.process_index() != 0:
     return
-  out = os.path.join(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "au_report.json"), "w") as f:
-    json.dump(rep, f, indent=1)
+  out = paths.join(workdir, "eval")
+  paths.makedirs(out)
+  paths.write_text(paths.join(out, "au_report.json"), json.dumps(rep, indent=1))
   md = ("\n## Action units (" + name + ")\n\nF1 (%) per AU at threshold 0.5, TP/FP/FN pooled "
         "over each test fold's frames, uncoded labels left out; 'mean' is the mean over the "
         "folds; 'all-positive' predicts every AU on every frame.\n\n"
         + au_metrics.markdown(rep, title=f"{name}: AUFormer head on the vision tower"))
-  with open(os.path.join(out, "au_report.md"), "w") as f:
-    f.write(md)
-  report_md = os.path.join(out, "report.md")
-  if os.path.exists(report_md):
-    with open(report_md) as f:
-      text = f.read()
+  paths.write_text(paths.join(out, "au_report.md"), md)
+  report_md = paths.join(out, "report.md")
+  if paths.exists(report_md):
+    text = paths.read_text(report_md)
     cut = text.find("\n## Action units (")
     if cut >= 0:
       text = text[:cut]
-    with open(report_md, "w") as f:
-      f.write(text.rstrip("\n") + "\n" + md)
+    paths.write_text(report_md, text.rstrip("\n") + "\n" + md)
 
 
 def write_predictions(config, workdir: str, recs, out_path: str, *, model=None, fold: int = 1,
