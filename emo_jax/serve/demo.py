@@ -76,21 +76,7 @@ def prob_figure(probs: dict[str, float]):
 
 
 def timeline_figure(timeline: list[dict], classes):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  t = [(w["start"] + w["end"]) / 2 for w in timeline]
-  fig, ax = plt.subplots(figsize=(7, 3))
-  for c in classes:
-    ax.plot(t, [w["probs"][c] for w in timeline], marker="o", label=c)
-  ax.set_xlabel("time (s)")
-  ax.set_ylabel("probability")
-  ax.set_ylim(0, 1)
-  ax.set_title("emotion per window")
-  ax.legend(fontsize=7, ncol=4, loc="upper right")
-  fig.tight_layout()
-  plt.close(fig)
-  return fig
+  return predict_lib.timeline_figure(timeline, classes, figsize=(7, 3))
 
 
 def answer(engine: Engine, image_path: str | None, video_path: str | None, question: str):

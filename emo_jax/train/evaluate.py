@@ -256,11 +256,16 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str], title: str, path: str)
       ax.text(c, r, str(v), ha="center", va="center",
               color="white" if v > cm.max() / 2 else "black", fontsize=8)
   fig.tight_layout()
+  plt.close(fig)
+  write_png(fig, path)
+  return path
+
+
+def write_png(fig, path: str) -> None:
+  """A matplotlib figure as a PNG at `path` (local or a cloud URL)."""
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)
-  plt.close(fig)
   paths.write_bytes(path, buf.getvalue())
-  return path
 
 
 def _markdown(report: dict) -> str:

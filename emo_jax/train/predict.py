@@ -163,12 +163,13 @@ def _faces(frames: np.ndarray, path: str, cfg) -> np.ndarray:
   return np.stack([cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in fill])
 
 
-def _timeline_png(timeline: list[dict], classes, path: str) -> str:
-  import matplotlib
+def timeline_figure(timeline: list[dict], classes, figsize=(8, 3.5)):
+  """The per-window class probabilities of a video as a matplotlib figure (closed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   t = [(w["start"] + w["end"]) / 2 for w in timeline]
-  fig, ax = plt.subplots(figsize=(8, 3.5))
+  fig, ax = plt.subplots(figsize=figsize)
   for c in classes:
     ax.plot(t, [w["probs"][c] for w in timeline], marker="o", label=c)
   ax.set_xlabel("time (s)")
@@ -177,10 +178,12 @@ def _timeline_png(timeline: list[dict], classes, path: str) -> str:
   ax.set_title("emotion per window")
   ax.legend(fontsize=7, ncol=4, loc="upper right")
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=100)
   plt.close(fig)
-  paths.write_bytes(path, buf.getvalue())
+  return fig
+
+
+def _timeline_png(timeline: list[dict], classes, path: str) -> str:
+  eval_lib.write_png(timeline_figure(timeline, classes), path)
   return path
 
 
