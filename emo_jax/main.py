@@ -153,10 +153,17 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
     if config.eval.at_end:
       summary["eval"] = evaluate.evaluate(config, workdir, model=model, step=out["step"],
                                           out_dir=output_dir)
-    if au_train.enabled(config):   # action units: a head on the trained vision tower
-      summary["au"] = au_train.run(config, workdir, model)
-    if affect_eval.enabled(config):
-      summary["affect"] = affect_eval.run(config, workdir, model, step=out["step"])
+    if (au_train.enabled(config) or affect_eval.enabled(config)) and jax.process_count() > 1:
+      # The AU stage and the affective evaluation run on one host; a multi-host run
+      # says so and leaves them to `--mode=au` on one host.
+      logging.warning("AU stage and affective evaluation skipped: they run single-host "
+                      "(%d processes); run --mode=au on one host", jax.process_count())
+      summary["au"] = "skipped: multi-host run"
+    else:
+      if au_train.enabled(config):   # action units: a head on the trained vision tower
+        summary["au"] = au_train.run(config, workdir, model)
+      if affect_eval.enabled(config):
+        summary["affect"] = affect_eval.run(config, workdir, model, step=out["step"])
     if config.export.at_end:
       summary["export"] = export.export(config, workdir, model=model,
                                         out_dir=export_dir or paths.join(workdir, "export"))
@@ -168,6 +175,9 @@ def run(config, workdir: str, mode: str, *, input_path: str | None = None,
       saved_config.write(config, workdir)
     return runner.run(config, workdir, mode)
   if mode == "au":   # the AU head alone, on the workdir's model or the config.init weights
+    if jax.process_count() > 1:
+      from emo_jax.train.errors import ConfigError  # pylint: disable=g-import-not-at-top
+      raise ConfigError("--mode=au runs on one host; start it on a single process")
     if jax.process_index() == 0:
       paths.makedirs(workdir)
     return {"au": au_train.run(config, workdir, au_train.model_for_au(config, workdir))}
