@@ -49,3 +49,13 @@ def _final_arrays(workdir):
 
 def _summary(out):
   return json.loads(out[out.rindex("\n{"):])
+
+
+def assert_same_final_state(ref_dir, run_dir, num_steps):
+  """The two runs' last checkpoints: same step, same keys, bit-identical arrays."""
+  ref_step, ref = _final_arrays(ref_dir)
+  run_step, run = _final_arrays(run_dir)
+  assert ref_step == run_step == num_steps
+  assert ref.keys() == run.keys() and len(ref) > 10
+  for k in ref:
+    np.testing.assert_array_equal(ref[k], run[k], err_msg=k)   # bitwise

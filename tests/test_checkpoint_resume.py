@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from emo_jax.train import checkpoint as ckpt_lib
-from resume_testutil import REPO, _env, _final_arrays, _run_until, _summary  # noqa: F401
+from resume_testutil import REPO, _env, _final_arrays, _run_until, _summary, assert_same_final_state  # noqa: F401
 
 
 def _iter(seed=1):
@@ -143,12 +143,7 @@ def test_sigterm_then_sigkill_resume_bitwise(tmp_path):
   assert rc == 0, out[-3000:]
   assert _summary(out)["step"] == NUM_STEPS
 
-  ref_step, ref = _final_arrays(tmp_path / "ref")
-  run_step, run = _final_arrays(tmp_path / "run")
-  assert ref_step == run_step == NUM_STEPS
-  assert ref.keys() == run.keys() and len(ref) > 10
-  for k in ref:
-    np.testing.assert_array_equal(ref[k], run[k], err_msg=k)   # bitwise
+  assert_same_final_state(tmp_path / "ref", tmp_path / "run", NUM_STEPS)
   # Same batch at every step, including the steps that ran twice.
   ref_h, run_h = _hashes(tmp_path / "ref"), _hashes(tmp_path / "run")
   assert sorted(ref_h) == sorted(run_h) == list(range(1, NUM_STEPS + 1))

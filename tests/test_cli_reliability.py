@@ -19,6 +19,7 @@ import pytest
 from configs import default
 from emo_jax import main as main_lib
 from emo_jax.train import checkpoint as ckpt_lib
+from resume_testutil import _env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "--config=configs/default.py:test"
@@ -61,14 +62,6 @@ def cli(args, capsys):
         delattr(flags.FLAGS, name)
   captured = capsys.readouterr()
   return code, captured.out, captured.err
-
-
-def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
 
 
 @pytest.fixture(scope="module")

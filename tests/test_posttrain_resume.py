@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from resume_testutil import REPO, _final_arrays, _run_until, _summary
+from resume_testutil import REPO, _run_until, _summary, assert_same_final_state
 
 NUM_STEPS = 6
 TIMEOUT = 1800   # seconds per subprocess (a loaded 2-core machine)
@@ -45,12 +45,7 @@ def test_grpo_sigkill_resume_is_bitwise(tmp_path):
   rc, out = _run_until(_cmd(tmp_path / "run", data), None, None, TIMEOUT)
   assert rc == 0, out[-3000:]
   assert "resumed from step" in out
-  ref_step, ref = _final_arrays(tmp_path / "ref")
-  run_step, run = _final_arrays(tmp_path / "run")
-  assert ref_step == run_step == NUM_STEPS
-  assert ref.keys() == run.keys() and len(ref) > 10
-  for k in ref:
-    np.testing.assert_array_equal(ref[k], run[k], err_msg=k)   # bitwise
+  assert_same_final_state(tmp_path / "ref", tmp_path / "run", NUM_STEPS)
   ref_log, run_log = _log(tmp_path / "ref"), _log(tmp_path / "run")
   assert sorted(ref_log) == sorted(run_log) == list(range(1, NUM_STEPS + 1))
   for s in ref_log:   # the same rollouts: same rewards, lengths, KL and loss at every step
