@@ -327,7 +327,9 @@ def remote_script(commands: Sequence[Sequence[str]], log_names: Sequence[str],
   prefix = f"cd {REPO_DIR} && . .venv/bin/activate && mkdir -p {LOG_DIR} && {exports}"
   if not background:
     return prefix + body
-  return f"{prefix}nohup bash -c {shlex.quote(body)} < /dev/null > /dev/null 2>&1 &"
+  # Only the nohup job goes to the background (braces): a backgrounded ``a && b && nohup ...``
+  # list would keep the ssh session's stdout open, and ssh would wait for the whole run.
+  return f"{prefix}{{ nohup bash -c {shlex.quote(body)} < /dev/null > /dev/null 2>&1 & }}"
 
 
 def run_steps(spec: TpuSpec, config: str, workdir: str, overrides=(),
@@ -352,7 +354,13 @@ def logs_steps(spec: TpuSpec, log_name: str, worker: int = 0, follow: bool = Tru
 Runner = Callable[[Sequence[str]], subprocess.CompletedProcess]
 
 
-def _default_runner(argv: Sequence[str]) -> subprocess.CompletedProcess:
+def _run_step(argv: Sequence[str]) -> subprocess.CompletedProcess:
+  """Runs one step with its output on the terminal (the log tail, install progress)."""
+  return subprocess.run(list(argv), check=True, text=True)
+
+
+def _poll_state(argv: Sequence[str]) -> subprocess.CompletedProcess:
+  """Runs one state query and keeps its output (the state) for the caller."""
   return subprocess.run(list(argv), check=True, text=True, stdout=subprocess.PIPE)
 
 
@@ -360,7 +368,7 @@ def execute(steps: Sequence[Step], *, dry_run: bool, out=None, runner: Runner | 
             poll_seconds: float = 30.0, poll_timeout: float = 6 * 3600.0) -> None:
   """Print (dry run) or run the steps in order; ``wait`` steps poll until ready."""
   out = out or sys.stdout
-  runner = runner or _default_runner
+  run_step, poll_state = (runner, runner) if runner else (_run_step, _poll_state)
   for step in steps:
     if dry_run:
       note = f"  # repeat until {'|'.join(step.poll_until)}" if step.poll_until else ""
@@ -368,11 +376,11 @@ def execute(steps: Sequence[Step], *, dry_run: bool, out=None, runner: Runner | 
       continue
     print(f"+ {step.shell()}", file=out, flush=True)
     if not step.poll_until:
-      runner(step.argv)
+      run_step(step.argv)
       continue
     deadline = time.monotonic() + poll_timeout
     while True:
-      state = runner(step.argv).stdout.strip()
+      state = poll_state(step.argv).stdout.strip()
       if state in step.poll_until:
         break
       if state in step.fail_on:

@@ -299,3 +299,24 @@ def test_runtime_requirements_exclude_test_references():
   setup = (ROOT / "scripts" / "setup.sh").read_text()
   assert "requirements-test.txt" in setup and "setup.sh --test" in (
       ROOT / "scripts" / "test.sh").read_text()
+
+
+def _readme_dry_runs(text):
+  """(argv, printed) for each ```bash launcher call followed by its printed block."""
+  blocks = text.split("```")
+  out = []
+  for i, b in enumerate(blocks):
+    if b.startswith("bash\npython -m launch.tpu_vm all") and i + 2 < len(blocks):
+      argv = shlex.split(b[len("bash\n"):].replace("\\\n", " "))[3:]
+      out.append((argv, blocks[i + 2].strip("\n")))
+  return out
+
+
+@pytest.mark.parametrize("doc", ["README.md", "launch/README.md"])
+def test_documented_sequences_are_the_launchers_output(doc, capsys):
+  """The command sequences the docs quote verbatim are what the launcher prints today."""
+  runs = _readme_dry_runs((ROOT / doc).read_text())
+  assert runs, f"no launcher example in {doc}"
+  for argv, printed in runs:
+    assert tpu_vm.main(argv) == 0
+    assert capsys.readouterr().out.strip("\n") == printed

@@ -159,6 +159,7 @@ def test_two_host_rehearsal_kill_and_resume(tmp_path):
     assert _committed(wd, 2) and not _committed(wd, 4) and not _committed(wd, STEPS)
     assert "# follow the run: python -m launch.tpu_vm logs --name=emo" in run_out
     assert "# tear it down:   python -m launch.tpu_vm delete --name=emo" in run_out
+    assert "step=2 loss=" in run_out   # the launcher followed worker 0's log on the terminal
     first = _log(fake_root, "emo", 0, "r")
     assert "step=2 loss=" in first and f"step={STEPS} loss=" not in first
 

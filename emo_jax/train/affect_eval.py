@@ -157,8 +157,8 @@ def run(config, workdir: str, model=None, step: int | None = None) -> dict:
     from emo_jax.train import loop
     _, model, step = loop.restore_trained(config, workdir)
   ae = config.au.affect_eval
-  paths = task_lib.prepare_data(config, workdir)
-  tok, qtok = task_lib.tokenizers(paths)
+  assets = task_lib.prepare_data(config, workdir)
+  tok, qtok = task_lib.tokenizers(assets)
   model_cfg = task_lib.model_config(config)
   pcfg = task_lib.pipeline_config(config, model_cfg, shuffle=False, shuffle_options=False,
                                   au_prompt="")
