@@ -359,7 +359,9 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 8) -> None:
     st.pix_fmt = "yuv420p"
     st.codec_context.thread_count = 1
     if codec == "libx264":
-      st.options = {"crf": "18", "preset": "veryfast", "g": "8", "threads": "1"}
+      # mbtree (lookahead rate control) makes x264's output differ from run to run.
+      st.options = {"crf": "18", "preset": "veryfast", "g": "8", "threads": "1",
+                    "x264-params": "mbtree=0"}
     else:
       st.options = {"qscale": "3", "g": "8"}
     for f in frames:

@@ -66,14 +66,7 @@ def cli(args, capsys):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """(workdir, config) after 2 training steps; data in <workdir>/data. The runs of this
-  file share a persistent compilation cache (the read-only modes build the same model)."""
-  import jax
-  cache = str(tmp_path_factory.mktemp("xla_cache"))
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  """(workdir, config) after 2 training steps; data in <workdir>/data."""
   wd = str(tmp_path_factory.mktemp("cli") / "wd")
   cfg = default.get_config("test")
   cfg.data.synthetic.num_images = NUM_IMAGES
@@ -84,9 +77,7 @@ def trained(tmp_path_factory):
   out = main_lib.run(cfg, wd, "train")
   assert out["step"] == 2 and out["trained_steps"] == 2
   assert ckpt_lib.step_folders(ckpt_lib.checkpoint_dir(wd)) == {1: True, 2: True}
-  yield wd, cfg
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+  return wd, cfg
 
 
 def _test_image(wd):

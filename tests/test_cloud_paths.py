@@ -202,10 +202,15 @@ def test_default_config_gs_workdir(gcs, tmp_path):
   cfg.train.log_every = 1
   cfg.checkpoint.every_steps = 2
   cfg.eval.max_examples = 16
+  # The AU stage on one fold, two steps, a few sequences (its reports still go to the bucket).
+  cfg.au.folds = (1,)
+  cfg.au.train.num_steps = 2
+  cfg.au.synthetic.update(num_subjects=6, num_tasks=1, num_frames=2)
   wd = f"{B}/runs/default"
   out, image_res, video_res = _run_all_modes(cfg, wd, tmp_path)
   assert out["step"] == 2
   _check_workdir(wd, out, image_res, video_res, 2)
+  assert {"eval/au_report.json", "eval/au_report.md"} <= set(_names(wd))
 
 
 def test_data_roots(monkeypatch, tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from emo_llama_testutil import cfg, model  # noqa: F401  (fixtures)
 from emo_jax.models import emo_llama
 from emo_jax.models.emo_llama import (EmoLlama, EmoLlamaConfig, dummy_batch, param_groups,
                                       trainable_filter)
@@ -17,21 +18,6 @@ from emo_jax.models.face import FaceMiningConfig
 
 F_MAX = 3
 FRAMES = (1, 2, 3)  # an image (1 real frame of 3) and clips of 2 and 3 frames
-
-
-@pytest.fixture(scope="module")
-def cfg():
-  return EmoLlamaConfig.tiny()
-
-
-@pytest.fixture(scope="module")
-def model(cfg):
-  m = nnx.jit(lambda: EmoLlama(cfg, rngs=nnx.Rngs(0)))()
-  # Non-zero LoRA B so that gradients reach both LoRA factors.
-  for path, var in nnx.to_flat_state(nnx.state(m, nnx.LoRAParam)):
-    if path[-1] == "lora_b":
-      var.set_value(0.05 * jax.random.normal(jax.random.key(len(path)), var.shape))
-  return m
 
 
 @pytest.fixture(scope="module")

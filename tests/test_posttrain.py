@@ -11,6 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
+from emo_llama_testutil import cfg, model  # noqa: F401  (fixtures)
 from emo_jax.models import lora as lora_lib
 from emo_jax.models.emo_llama import EmoLlama, EmoLlamaConfig, dummy_batch
 from emo_jax.posttrain import data as data_lib
@@ -25,20 +26,6 @@ from input_pipeline.records import Record, SkipCounter
 
 FRAMES = (1, 2, 3, 2)
 F_MAX = 3
-
-
-@pytest.fixture(scope="module")
-def cfg():
-  return EmoLlamaConfig.tiny()
-
-
-@pytest.fixture(scope="module")
-def model(cfg):
-  m = nnx.jit(lambda: EmoLlama(cfg, rngs=nnx.Rngs(0)))()
-  for path, var in nnx.to_flat_state(nnx.state(m, nnx.LoRAParam)):   # adapters that matter
-    if path[-1] == "lora_b":
-      var.set_value(0.05 * jax.random.normal(jax.random.key(len(path)), var.shape))
-  return m
 
 
 def _pair_batch(cfg, seed=0):

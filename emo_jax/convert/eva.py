@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 EVA_G_HEAD_DIM = 88  # EVA-ViT-G: 1408 / 16 heads (checkpoint fact)
 
-_BLOCK_MAP = {
+BLOCK_MAP = {
     "norm1.weight": "layer_norm1.weight", "norm1.bias": "layer_norm1.bias",
     "norm2.weight": "layer_norm2.weight", "norm2.bias": "layer_norm2.bias",
     "attn.q_bias": "self_attn.q_proj.bias", "attn.v_bias": "self_attn.v_proj.bias",
@@ -114,8 +114,8 @@ def eva_from_state_dict(sd: Any, cfg: VisionConfig, *, prefix: str = "",
           raise CheckpointError(f"{what}: {key} has shape {qkv.shape}, expected {(3 * c, c)}")
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
           arrays[dst + f"self_attn.{name}.weight"] = qkv[j * c:(j + 1) * c]
-      elif rest in _BLOCK_MAP:
-        arrays[dst + _BLOCK_MAP[rest]] = _get(sd, key)
+      elif rest in BLOCK_MAP:
+        arrays[dst + BLOCK_MAP[rest]] = _get(sd, key)
       else:
         raise CheckpointError(f"{what}: unexpected EVA tensor {key!r} (layer scale, relative "
                               "position bias and qkv.bias are not part of EVA-ViT-G)")

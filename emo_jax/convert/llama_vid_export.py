@@ -40,6 +40,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from emo_jax.convert import eva as eva_lib
 from emo_jax.convert.llama_hf import _base_tensors
 from emo_jax.convert.llama_vid import (BERT_PROJ, EMO_PREFIX, PROJECTORS, QFORMER_PREFIX,
                                        QUERY_KEY, VISION_PREFIX)
@@ -48,15 +49,19 @@ from emo_jax.models.emo_llama import EmoLlama
 
 Tensor = tuple[str, tuple[int, ...], np.dtype, Any]  # (name, shape, dtype, fetch)
 
-# Our EVA block names -> LAVIS (q/k/v are fused into attn.qkv.weight separately).
-_EVA_BLOCK = {
-    "layer_norm1.scale": "norm1.weight", "layer_norm1.bias": "norm1.bias",
-    "layer_norm2.scale": "norm2.weight", "layer_norm2.bias": "norm2.bias",
-    "self_attn.q_proj.bias": "attn.q_bias", "self_attn.v_proj.bias": "attn.v_bias",
-    "self_attn.out_proj.kernel": "attn.proj.weight", "self_attn.out_proj.bias": "attn.proj.bias",
-    "mlp.fc1.kernel": "mlp.fc1.weight", "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.kernel": "mlp.fc2.weight", "mlp.fc2.bias": "mlp.fc2.bias",
-}
+
+
+def _ours(hf_name: str) -> str:
+  """An EVA block parameter's HF-style name -> ours (norm weights are scales, linear kernels)."""
+  stem, _, leaf = hf_name.rpartition(".")
+  if leaf != "weight":
+    return hf_name
+  return f"{stem}.{'scale' if stem.startswith('layer_norm') else 'kernel'}"
+
+
+# Our EVA block names -> LAVIS (q/k/v are fused into attn.qkv.weight separately): the
+# importer's table, inverted.
+_EVA_BLOCK = {_ours(hf): lavis for lavis, hf in eva_lib.BLOCK_MAP.items()}
 DEFAULT_VISION_TOWER = "./model_zoo/LAVIS/eva_vit_g.pth"
 
 

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emo_jax.models import config_io
 from emo_jax.models.vit import VisionTransformer
 
 CA_SOFTMAX = ("positions", "channels")
@@ -86,11 +87,7 @@ class AUFormerConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "AUFormerConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-      raise ValueError(f"unknown AUFormerConfig fields {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    return config_io.from_dict(cls, d)
 
 
 class AUOutput(NamedTuple):

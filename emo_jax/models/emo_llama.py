@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.dtypes import to_dtype
+from emo_jax.models import config_io
 from emo_jax.models import face as face_lib
 from emo_jax.models import facexformer, generation, lora
 from emo_jax.models import pixels as pixels_lib
@@ -58,34 +59,6 @@ DEFAULT_TRAINABLE = ("qformer", "projectors", "face", "lora")
 
 
 # ----------------------------------------------------------------------------- config
-
-
-def _to_jsonable(x: Any) -> Any:
-  if dataclasses.is_dataclass(x):
-    return {f.name: _to_jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
-  if isinstance(x, Mapping):
-    return {k: _to_jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_to_jsonable(v) for v in x]
-  if isinstance(x, (np.dtype, type)) or (hasattr(x, "dtype") and not hasattr(x, "shape")):
-    return jnp.dtype(x).name
-  return x
-
-
-def _from_jsonable(cls: type, d: Mapping[str, Any]) -> Any:
-  """Rebuild a (flat) config dataclass: lists -> tuples, dtype names -> jnp dtypes."""
-  kw = {}
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = set(d) - names
-  if unknown:
-    raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-  for k, v in d.items():
-    if k in ("dtype", "param_dtype") and isinstance(v, str):
-      v = to_dtype(v)
-    elif isinstance(v, list):
-      v = tuple(v)
-    kw[k] = v
-  return cls(**kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +186,7 @@ class EmoLlamaConfig:
     return cls(**kw)
 
   def to_dict(self) -> dict[str, Any]:
-    return _to_jsonable(self)
+    return config_io.to_jsonable(self)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "EmoLlamaConfig":
@@ -222,7 +195,7 @@ class EmoLlamaConfig:
            "tiny_face_prior": TinyFacePriorConfig, "face": FaceMiningConfig}
     for k, c in sub.items():
       if k in d:
-        d[k] = _from_jsonable(c, d[k])
+        d[k] = config_io.from_dict(c, d[k])
     if d.get("trainable") is not None:
       d["trainable"] = tuple(d["trainable"])
     if d.get("lora_targets") is not None:

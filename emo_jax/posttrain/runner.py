@@ -202,16 +202,8 @@ def run(config, workdir: str, mode: str) -> dict:
   state = jax.device_put(state, state_sh)
   ref_params = jax.device_put(ref_params, ref_sh)
   compute_dtype = dtypes.compute_dtype(config.train.compute_dtype)
-  ck = config.checkpoint
-  checkpointer = ckpt_lib.Checkpointer(
-      ckpt_lib.checkpoint_dir(workdir), max_to_keep=ck.max_to_keep,
-      keep_period=ck.keep_period or None, save_every_steps=ck.every_steps,
-      save_every_secs=ck.every_secs if ck.every_secs > 0 else None, async_save=ck.async_save)
-  restored = checkpointer.restore(state, data_iter)
-  start = 0
-  if restored is not None:
-    state, start = restored
-    logging.info("resumed from step %d", start)
+  checkpointer = ckpt_lib.Checkpointer.for_training(workdir, config.checkpoint)
+  state, start = checkpointer.restore_or_start(state, data_iter)
   steps_cache: dict = {}
 
   def step_fn(prompt_len: int | None):
@@ -270,9 +262,7 @@ def run(config, workdir: str, mode: str) -> dict:
   finally:
     if log_f is not None:
       log_f.close()
-    checkpointer.close()
-    writer.flush()
-    preempt.uninstall()
+    loop_lib.close_run(checkpointer, writer, preempt)
   if skips.total:
     logging.warning(skips.report())
   summary = {"mode": mode, "step": step, "num_steps": num_steps, "preempted": stopped,

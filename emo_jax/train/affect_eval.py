@@ -121,31 +121,31 @@ def score(task: str, truths: list, answers: list[str], aus: Sequence[int] = ()) 
   raise ValueError(f"unknown task {task!r}; known: {TASKS}")
 
 
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+  return [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+          *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
+
+
 def markdown(report: dict) -> str:
   lines = ["# Multi-task affective evaluation", "", f"step {report.get('step')}", ""]
   t = report["tasks"]
   emo = [k for k in ("emotion_choice", "emotion_open") if k in t]
   if emo:
-    lines += ["## Emotion: choice and open-ended", "", "| task | UAR | WAR | samples | unparsed |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {k} | {t[k]['uar']:.4f} | {t[k]['war']:.4f} | {t[k]['num_samples']} | "
-              f"{t[k]['num_unparsed']} |" for k in emo]
-    lines.append("")
+    lines += _table("Emotion: choice and open-ended",
+                    ["task", "UAR", "WAR", "samples", "unparsed"],
+                    [[k, f"{t[k]['uar']:.4f}", f"{t[k]['war']:.4f}", t[k]["num_samples"],
+                      t[k]["num_unparsed"]] for k in emo])
   judge = [k for k in ("emotion_judge", "au_judge") if k in t]
   if judge:
-    lines += ["## Yes/no judgements", "", "| task | accuracy | 'yes' rate | samples | unparsed |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {k} | {t[k]['accuracy']:.4f} | {t[k]['yes_rate']:.4f} | {t[k]['num_samples']} "
-              f"| {t[k]['num_unparsed']} |" for k in judge]
-    lines.append("")
+    lines += _table("Yes/no judgements", ["task", "accuracy", "'yes' rate", "samples", "unparsed"],
+                    [[k, f"{t[k]['accuracy']:.4f}", f"{t[k]['yes_rate']:.4f}",
+                      t[k]["num_samples"], t[k]["num_unparsed"]] for k in judge])
   if "au_open" in t:
     a = t["au_open"]
     names = list(a["f1"])
-    lines += ["## Action units: open-ended list", "",
-              "| " + " | ".join(names) + " | mean F1 | all-positive |",
-              "|" + "---|" * (len(names) + 2),
-              "| " + " | ".join(f"{100 * a['f1'][n]:.1f}" for n in names)
-              + f" | {100 * a['mean_f1']:.1f} | {100 * a['all_positive_mean_f1']:.1f} |", ""]
+    lines += _table("Action units: open-ended list", [*names, "mean F1", "all-positive"],
+                    [[*(f"{100 * a['f1'][n]:.1f}" for n in names), f"{100 * a['mean_f1']:.1f}",
+                      f"{100 * a['all_positive_mean_f1']:.1f}"]])
   if report.get("skipped"):
     lines.append(f"skipped inputs: {report['skipped']}")
   return "\n".join(lines) + "\n"

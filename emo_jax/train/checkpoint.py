@@ -204,6 +204,23 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(directory, options=options,
                                          item_names=("state", "data"))
 
+  @classmethod
+  def for_training(cls, workdir: str, ck) -> "Checkpointer":
+    """The training checkpointer of ``<workdir>/checkpoints`` from a ``config.checkpoint``."""
+    return cls(checkpoint_dir(workdir), max_to_keep=ck.max_to_keep,
+               keep_period=ck.keep_period or None, save_every_steps=ck.every_steps,
+               save_every_secs=ck.every_secs if ck.every_secs > 0 else None,
+               async_save=ck.async_save)
+
+  def restore_or_start(self, state: Any, data_iter: CheckpointableIterator | None
+                       ) -> tuple[Any, int]:
+    """(restored state, its step) from the latest committed step, else (state, 0)."""
+    restored = self.restore(state, data_iter)
+    if restored is None:
+      return state, 0
+    logging.info("resumed from step %d", restored[1])
+    return restored
+
   def _committed(self, step: int) -> bool:
     """orbax writes `commit_success.txt` into a step before it becomes visible; a step
     directory without it was copied or written partially (e.g. an interrupted sync)."""

@@ -188,6 +188,14 @@ def _has_pretrained(config) -> bool:
   return any(v for k, v in init.items() if k != "allow_pickle")
 
 
+def close_run(checkpointer, writer, preempt) -> None:
+  """Ends a training run's resources: waits for the last save, flushes (and, for a cloud
+  workdir, uploads) the metrics, restores the signal handlers."""
+  checkpointer.close()
+  writer.close()
+  preempt.uninstall()
+
+
 def train(config, workdir: str) -> dict:
   """Trains (resuming if a checkpoint exists). Returns a summary dict."""
   paths.makedirs(workdir)
@@ -209,16 +217,8 @@ def train(config, workdir: str) -> dict:
   logging.info("trainable parameters: %s, frozen: %s", f"{opt_lib.count_params(state.params):,}",
                f"{opt_lib.count_params(built.frozen):,}")
 
-  ck = config.checkpoint
-  checkpointer = ckpt_lib.Checkpointer(
-      ckpt_lib.checkpoint_dir(workdir), max_to_keep=ck.max_to_keep,
-      keep_period=ck.keep_period or None, save_every_steps=ck.every_steps,
-      save_every_secs=ck.every_secs if ck.every_secs > 0 else None, async_save=ck.async_save)
-  restored = checkpointer.restore(state, train_iter)
-  start = 0
-  if restored is not None:
-    state, start = restored
-    logging.info("resumed from step %d", start)
+  checkpointer = ckpt_lib.Checkpointer.for_training(workdir, config.checkpoint)
+  state, start = checkpointer.restore_or_start(state, train_iter)
   if start >= num_steps:
     print(f"nothing to train: the checkpoint is at step {start} and train.num_steps is "
           f"{num_steps}; using the step-{start} model", flush=True)
@@ -302,9 +302,7 @@ def train(config, workdir: str) -> dict:
     if hash_log is not None:
       hash_log.close()
       hash_stage.close()
-    checkpointer.close()
-    writer.close()   # flushes (and uploads, for a cloud workdir)
-    preempt.uninstall()
+    close_run(checkpointer, writer, preempt)
   if skips.total or skips.truncations:
     logging.warning(skips.report())
   return {"step": step, "num_steps": num_steps, "preempted": stopped,

@@ -179,3 +179,11 @@ def clip_or_frames(media_dir: str, clip_rel: str, folder_rel: str, media: str,
     skips.skip("missing_file" if not os.path.isdir(folder) else "no_frames", folder)
     return None
   return frames, "frames"
+
+
+def au_frame_record(dataset: str, split: str, rec_id: str, path: str, media: str, fold: int,
+                    aus: tuple[int, ...], extra: dict) -> Record:
+  """One AU-coded frame: an image (media='frames') or frame `extra['frame']` of a video."""
+  return Record(dataset=dataset, split=split, id=rec_id, media=path,
+                media_type="image" if media == "frames" else "video", fold=fold, aus=aus,
+                extra=extra)

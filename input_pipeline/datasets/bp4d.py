@@ -198,10 +198,7 @@ def load(root: str, split: str | None = "train", fold: int | None = None, *,
           skips.skip("missing_file", os.path.join(folder, f"{frame}.*"),
                      f"no image for CSV frame {frame}")
           continue
-        rec_media, media_type = img, "image"
-      else:
-        rec_media, media_type = video, "video"
-      records.append(Record(dataset=dataset, split=want[subject], id=f"{subject}_{task}_{frame}",
-                            media=rec_media, media_type=media_type, fold=fold, aus=vec,
-                            extra=extra))
+      records.append(_common.au_frame_record(
+          dataset, want[subject], f"{subject}_{task}_{frame}",
+          img if media == "frames" else video, media, fold, vec, extra))
   return records

@@ -164,10 +164,7 @@ def load(root: str, split: str | None = "train", fold: int | None = None, *,
             continue
         else:
           img = os.path.join(root, image_dir or IMAGE_DIRS[0], subject, f"{f + frame_offset}.png")
-        rec_media, media_type = img, "image"
-      else:
-        rec_media, media_type = video, "video"
-      records.append(Record(dataset=dataset, split=want[subject], id=f"{subject}_{f}",
-                            media=rec_media, media_type=media_type, fold=fold, aus=vec,
-                            extra=extra))
+      records.append(_common.au_frame_record(
+          dataset, want[subject], f"{subject}_{f}", img if media == "frames" else video, media,
+          fold, vec, extra))
   return records
