@@ -96,9 +96,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 zero_init_out=True)                    # layers=(): every ViT block
   a.loss = dict(margin=0.05, gamma_neg=2.0, gamma_pos=0.0, detach_focus=False,
                 deep_supervision_weight=0.5)
-  a.optimizer = dict(lr=3e-3, warmup_frac=0.05, end_lr_frac=0.05, weight_decay=0.0,
+  a.optimizer = dict(lr=1e-2, warmup_frac=0.05, end_lr_frac=0.05, weight_decay=0.0,
                      b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
-  a.train = dict(num_steps=150, batch_size=32, aspect="pad", read_threads=2)
+  a.train = dict(num_steps=300, batch_size=32, aspect="pad", read_threads=2)
   a.eval_batch_size = 64
   # AU sentence in the LLM prompt: source 'labels' (the record's AU labels) or a JSON of AU
   # head predictions {record id: [AUs]} (au_train.write_predictions); off in the default
