@@ -38,6 +38,7 @@ def dpo_section(**kw) -> ml_collections.ConfigDict:
       rejected_kinds=("near_miss", "several", "hedge"),
       pairs_per_record=1,
       beta=0.1, label_smoothing=0.0, loss_type="sigmoid",   # 'sigmoid' | 'ipo'
+      rpo_alpha=None,           # weight of the chosen answers' NLL (None: plain DPO)
       reference="auto",         # 'auto' | 'lora_off' | 'copy' (emo_jax.posttrain.reference)
       batch_size=16,            # pairs per step (global)
       num_steps=300,

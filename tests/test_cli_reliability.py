@@ -294,7 +294,8 @@ def test_sigint_saves_like_sigterm(trained, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("spec", ["default:", "default:video", "default:test",
-                                  "emo_llama_7b:fsdp", "emo_llama_7b:dp,video", "sweep:"])
+                                  "emo_llama_7b:fsdp", "emo_llama_7b:dp,video", "sweep:",
+                                  "posttrain:", "posttrain:test", "posttrain:7b"])
 def test_every_shipped_config_passes_validation(spec):
   import importlib
   from emo_jax.train import validate

@@ -403,3 +403,46 @@ def test_prompt_batch_left_pads_the_prompt_before_the_answer():
                                                    [0, 0, 0, 0, 0, 1, 5, 9]])
   np.testing.assert_array_equal(out["attention_mask"], (out["input_ids"] > 0).astype(int))
   assert "loss_mask" not in out and out["label"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"dpo.beta": 0.0}, "dpo.beta"), ({"dpo.rpo_alpha": -1.0}, "dpo.rpo_alpha"),
+    ({"dpo.loss_type": "hinge"}, "dpo.loss_type"), ({"dpo.lr_scale": 0.0}, "dpo.lr_scale"),
+    ({"dpo.label_smoothing": 0.7}, "dpo.label_smoothing"),
+    ({"grpo.num_generations": 1}, "grpo.num_generations"),
+    ({"grpo.temperature": 0.0}, "grpo.temperature"), ({"grpo.top_p": 1.5}, "grpo.top_p"),
+    ({"grpo.loss_type": "ppo"}, "grpo.loss_type"), ({"grpo.reference": "other"}, "grpo.reference"),
+    ({"grpo.batch_size": 0}, "grpo.batch_size")])
+def test_nonsense_post_training_settings_name_the_field(override, field):
+  from configs import posttrain
+  from emo_jax.train import validate
+  from emo_jax.train.errors import ConfigError
+  cfg = posttrain.get_config("test")
+  for mode in ("dpo", "grpo"):
+    validate.validate(cfg, mode)
+  (key, value), = override.items()
+  section, name = key.split(".")
+  cfg[section][name] = value
+  with pytest.raises(ConfigError, match=f"config.{field}"):
+    validate.validate(cfg, section)
+
+
+def test_rpo_alpha_adds_the_chosen_answers_mean_nll(cfg, model):
+  """rpo_alpha: each pair's loss gains alpha x the chosen answer's mean token NLL (the
+  sequence log-probs are checked against separate forwards in the pair-logps test)."""
+  pb, _ = _pair_batch(cfg)
+  ref = ref_lib.reference_params(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))),
+                                 "copy")
+  kw = dict(beta=0.1, label_smoothing=0.0, loss_type="sigmoid", reference="copy")
+  plain, count, _ = jax.jit(dpo_lib.make_loss_fn(**kw))(model, pb, ref)
+  alpha = 0.7
+  total, count2, sums = jax.jit(dpo_lib.make_loss_fn(rpo_alpha=alpha, **kw))(model, pb, ref)
+  assert float(count) == float(count2) == len(FRAMES)
+  s, n, _ = logps_lib.sequence_logps(model, pb)
+  valid = np.asarray(pb["pair_valid"], np.float64)
+  nll = -np.asarray(s, np.float64)[:, 0] / np.maximum(np.asarray(n, np.float64)[:, 0], 1.0)
+  np.testing.assert_allclose(float(total) - float(plain), alpha * float((nll * valid).sum()),
+                             rtol=1e-4)
+  np.testing.assert_allclose(float(sums["nll/chosen"]), float((nll * valid).sum()), rtol=1e-4)
+  assert float((nll * valid).sum()) > 0
+

@@ -48,27 +48,37 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
   return losses, metrics
 
 
-def make_loss_fn(*, beta: float, label_smoothing: float, loss_type: str, reference: str):
+def make_loss_fn(*, beta: float, label_smoothing: float, loss_type: str, reference: str,
+                 rpo_alpha: float | None = None):
   """`loss_fn(model, batch, ref_params) -> (loss_sum, num_pairs, metric sums)` for
-  train.step (the step divides by the number of pairs of the global batch)."""
+  train.step (the step divides by the number of pairs of the global batch).
+
+  `rpo_alpha` (TRL's name): adds alpha x the chosen answer's mean token negative
+  log-likelihood to each pair's loss, which keeps the chosen answers' probability from
+  falling while the margin grows (None or 0: plain DPO)."""
 
   def pair_logps(model, batch, visual=None):
     s, n, visual = logps_lib.sequence_logps(model, batch, visual)
-    if loss_type == "ipo":
-      s = s / jnp.maximum(n, 1.0)
-    return s, visual
+    return s, n, visual
+
+  def scored(s, n):
+    return s / jnp.maximum(n, 1.0) if loss_type == "ipo" else s
 
   def loss_fn(model, batch: Mapping[str, Any], ref_params):
-    pol, visual = pair_logps(model, batch)
+    raw, n, visual = pair_logps(model, batch)
+    pol = scored(raw, n)
     # The reference shares the policy's visual tokens when no visual-side weight is trained
     # apart from the adapters (they sit in the LLM).
     share = reference == "lora_off" and not jax.tree.leaves(ref_params)
     ref = ref_lib.forward(model, ref_params, reference,
-                          lambda m: pair_logps(m, batch,
-                                               jax.lax.stop_gradient(visual) if share else None
-                                               )[0])
+                          lambda m: scored(*pair_logps(
+                              m, batch, jax.lax.stop_gradient(visual) if share else None)[:2]))
     losses, metrics = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=beta,
                                label_smoothing=label_smoothing, loss_type=loss_type)
+    if rpo_alpha:
+      nll = -raw[:, 0] / jnp.maximum(n[:, 0], 1.0)
+      losses = losses + rpo_alpha * nll
+      metrics["nll/chosen"] = jax.lax.stop_gradient(nll)
     valid = jnp.asarray(batch["pair_valid"]).astype(jnp.float32)
     sums = {k: (v * valid).sum() for k, v in metrics.items()}
     sums["pairs"] = valid.sum()

@@ -176,7 +176,8 @@ def run(config, workdir: str, mode: str) -> dict:
     data_iter = ckpt_lib.CheckpointableIterator(
         data_lib.pair_iterator(pairs, pcfg, tok, qtok, skips))
     loss_fn = dpo_lib.make_loss_fn(beta=float(pc.beta), label_smoothing=float(pc.label_smoothing),
-                                   loss_type=pc.loss_type, reference=reference)
+                                   loss_type=pc.loss_type, reference=reference,
+                                   rpo_alpha=pc.get("rpo_alpha"))
   else:
     from input_pipeline import pipeline as pipeline_lib
     recs = task_lib.train_records(config, workdir, skips)

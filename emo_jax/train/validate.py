@@ -89,6 +89,35 @@ def validate(config, mode: str) -> None:
     _number(config, "predict.max_new_tokens", lo=1, integer=True)
   if mode in ("train", "export"):
     _choices(config, "export.formats", EXPORT_FORMATS, many=True)
+  if mode in ("dpo", "grpo") and _get(config, mode) is not None:
+    _validate_posttrain(config, mode)
+
+
+def _validate_posttrain(config, mode: str) -> None:
+  from emo_jax.posttrain import dpo as dpo_lib        # imported only for these modes
+  from emo_jax.posttrain import grpo as grpo_lib
+  from emo_jax.posttrain import reference as ref_lib
+  for key in ("batch_size", "num_steps"):
+    _number(config, f"{mode}.{key}", lo=1, integer=True)
+  _number(config, f"{mode}.lr_scale", lo=0, lo_open=True)
+  _choices(config, f"{mode}.reference", ref_lib.MODES)
+  if mode == "dpo":
+    _number(config, "dpo.beta", lo=0, lo_open=True)
+    _number(config, "dpo.label_smoothing", lo=0, hi=0.5)
+    _number(config, "dpo.rpo_alpha", lo=0)
+    _choices(config, "dpo.loss_type", dpo_lib.LOSS_TYPES)
+    _number(config, "dpo.pairs_per_record", lo=1, integer=True)
+  else:
+    _number(config, "grpo.num_generations", lo=2, integer=True)
+    _number(config, "grpo.max_completion_length", lo=1, integer=True)
+    _number(config, "grpo.temperature", lo=0, lo_open=True)
+    _number(config, "grpo.top_p", lo=0, hi=1, lo_open=True)
+    _number(config, "grpo.top_k", lo=0, integer=True)
+    _number(config, "grpo.beta", lo=0)
+    _number(config, "grpo.epsilon", lo=0, lo_open=True)
+    _number(config, "grpo.epsilon_high", lo=0, lo_open=True)
+    _number(config, "grpo.num_iterations", lo=1, integer=True)
+    _choices(config, "grpo.loss_type", grpo_lib.LOSS_TYPES)
 
 
 def _validate_train(config) -> None:
