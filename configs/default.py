@@ -87,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # vision tower, trained per fold on the synthetic faces' AU sequences (BP4D layout)
   a = c.au = ml_collections.ConfigDict()
   a.enabled = True
-  a.synthetic = dict(generate=True, num_subjects=18, num_tasks=4, num_frames=8, seed=0,
+  a.synthetic = dict(generate=True, num_subjects=27, num_tasks=8, num_frames=8, seed=0,
                      image_size=64)
   a.data = dict(name="synthetic_au", root="", options={})
   a.folds = (1, 2, 3)
