@@ -131,6 +131,9 @@ def main():
                       "eval": {"generate": summ}, "workdir": w}
       logs[mode] = _log(w)
       continue
+    if os.path.exists(os.path.join(w, "checkpoints")):
+      # A second run would resume the first one's checkpoint under the new settings.
+      sys.exit(f"error: {w} holds an earlier {mode} run; delete it or pass --{mode}_done={w}")
     s, wall = _run(["--config=configs/posttrain.py", f"--mode={mode}", f"--workdir={w}",
                     f"--config.{mode}.init_workdir={sft}", f"--config.data.root={data}",
                     f"--config.{mode}.num_steps={steps}", "--config.train.log_every=5",
