@@ -61,9 +61,3 @@ def toks(llama_tok, bert_vocab):
   from input_pipeline import tokenizers
   return llama_tok, tokenizers.BertTokenizer(bert_vocab)
 
-
-def pytest_collection_modifyitems(config, items):   # pylint: disable=unused-argument
-  """Files with slow tests first: with `-n 2 --dist=loadfile` the long end-to-end files
-  start at once instead of leaving one worker busy at the end."""
-  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-  items.sort(key=lambda item: item.path not in slow_files)
