@@ -2,6 +2,7 @@
 import os
 import subprocess
 import json
+import re
 import time
 
 import numpy as np
@@ -19,16 +20,27 @@ def _env():
   return env
 
 
-def _run_until(cmd, at_step, sig, timeout=600):
-  """Starts the job; sends `sig` once it printed step=`at_step` (None: run to the end).
-  Returns (returncode, stdout)."""
+def committed_steps(workdir) -> list[int]:
+  """Steps under `workdir`/checkpoints whose save finished (orbax's commit marker)."""
+  root = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(n) for n in os.listdir(root) if n.isdigit() and os.path.exists(
+      os.path.join(root, n, ckpt_lib.COMMIT_MARKER)))
+
+
+def _run_until(cmd, at_step, sig, timeout=600, ready=None):
+  """Starts the job; sends `sig` at the first step >= `at_step` it prints (None: run to
+  the end) for which `ready()` holds (default: always). Returns (returncode, stdout)."""
   p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True)
   out = []
   t0 = time.time()
   for line in p.stdout:
     out.append(line)
-    if at_step is not None and line.startswith(f"step={at_step} "):
+    m = re.match(r"step=(\d+) ", line)
+    if (at_step is not None and m and int(m.group(1)) >= at_step
+        and (ready is None or ready())):
       p.send_signal(sig)
       at_step = None
     if time.time() - t0 > timeout:

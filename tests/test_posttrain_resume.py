@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from resume_testutil import REPO, _run_until, _summary, assert_same_final_state
+from resume_testutil import (REPO, _run_until, _summary, assert_same_final_state,
+                             committed_steps)
 
-NUM_STEPS = 6
+NUM_STEPS = 10
 TIMEOUT = 1800   # seconds per subprocess (a loaded 2-core machine)
 
 
@@ -39,12 +40,17 @@ def test_grpo_sigkill_resume_is_bitwise(tmp_path):
   rc, out = _run_until(_cmd(tmp_path / "ref", data), None, None, TIMEOUT)
   assert rc == 0, out[-3000:]
   assert _summary(out)["step"] == NUM_STEPS
-  kill_at = random.Random(os.getpid()).randint(2, NUM_STEPS - 2)
-  rc, out = _run_until(_cmd(tmp_path / "run", data), kill_at, signal.SIGKILL, TIMEOUT)
+  # SIGKILL at an arbitrary step once some save has committed (saves are asynchronous: at a
+  # fraction of a second per step, the first can still be in flight a few steps later).
+  kill_at = random.Random(os.getpid()).randint(2, NUM_STEPS // 2)
+  rc, out = _run_until(_cmd(tmp_path / "run", data), kill_at, signal.SIGKILL, TIMEOUT,
+                       ready=lambda: bool(committed_steps(tmp_path / "run")))
   assert rc == -signal.SIGKILL, out[-3000:]
+  last = committed_steps(tmp_path / "run")[-1]
+  assert last < NUM_STEPS
   rc, out = _run_until(_cmd(tmp_path / "run", data), None, None, TIMEOUT)
   assert rc == 0, out[-3000:]
-  assert "resumed from step" in out
+  assert f"resumed from step {last}" in out
   assert_same_final_state(tmp_path / "ref", tmp_path / "run", NUM_STEPS)
   ref_log, run_log = _log(tmp_path / "ref"), _log(tmp_path / "run")
   assert sorted(ref_log) == sorted(run_log) == list(range(1, NUM_STEPS + 1))
