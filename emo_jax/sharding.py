@@ -226,6 +226,30 @@ def state_and_frozen_shardings(state: Any, frozen: Any, mesh: Mesh, rules: Rules
   return tree_shardings(state, mesh, rules), tree_shardings(frozen, mesh, rules)
 
 
+def common_sequence_length(batch: dict, pad_values: dict[str, int]) -> dict:
+  """Pads this process's sequence keys (last axis) to the longest any process has this step.
+
+  Every process buckets its own examples, so with several bucket lengths the hosts of one
+  step can pick different lengths; the global array then has no single shape (JAX would
+  build mismatched programs). One process, or hosts that agree: `batch` unchanged. The
+  agreement is an all-gather of one integer, a synchronisation point of the step."""
+  keys = [k for k in pad_values if k in batch]
+  if jax.process_count() == 1 or not keys:
+    return batch
+  from jax.experimental import multihost_utils
+  local = max(int(np.shape(batch[k])[-1]) for k in keys)
+  lengths = np.asarray(multihost_utils.process_allgather(np.asarray([local], np.int32)))
+  longest = int(lengths.max())
+  if longest == local and all(np.shape(batch[k])[-1] == local for k in keys):
+    return batch
+  out = dict(batch)
+  for k in keys:
+    v = np.asarray(batch[k])
+    widths = [(0, 0)] * (v.ndim - 1) + [(0, longest - v.shape[-1])]
+    out[k] = np.pad(v, widths, constant_values=pad_values[k])
+  return out
+
+
 def to_global_batch(batch: Any, mesh: Mesh, spec: Any = None) -> dict:
   """Process-local numpy batch -> global jax.Arrays sharded over the mesh's batch axes.
 

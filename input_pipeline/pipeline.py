@@ -515,6 +515,13 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
   raise ValueError(f"sequence of {n} tokens exceeds the largest bucket {max(buckets)}")
 
 
+def sequence_pad_values(pad_id: int) -> dict[str, int]:
+  """The batch keys padded along their last axis to a bucket length, with their pad value
+  (SFT batches [B, L]; preference pairs [B, 2, L])."""
+  return {"input_ids": pad_id, "attention_mask": 0, "loss_mask": 0,
+          "seq_input_ids": pad_id, "seq_attention_mask": 0, "seq_loss_mask": 0}
+
+
 def collate(examples: Sequence[dict], *, bucket_lengths: Sequence[int], pad_id: int) -> dict:
   """Stacks examples; pads input_ids / attention_mask / loss_mask to a bucket length.
 

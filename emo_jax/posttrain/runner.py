@@ -48,6 +48,7 @@ from emo_jax.train import state as state_lib
 from emo_jax.train import step as step_lib
 from emo_jax.train import task as task_lib
 from input_pipeline import paths
+from input_pipeline import pipeline as pipeline_lib
 from input_pipeline.records import SkipCounter
 
 MODES = ("dpo", "grpo")
@@ -90,6 +91,15 @@ def _local_rows(x: jax.Array) -> np.ndarray:
   full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
   n = full.shape[0] // jax.process_count()
   return full[jax.process_index() * n:(jax.process_index() + 1) * n]
+
+
+def _all_processes(x) -> np.ndarray:
+  """Host-local rows of every process, concatenated in process order (for logging)."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def restore_start(config, built, init_workdir: str):
@@ -179,7 +189,6 @@ def run(config, workdir: str, mode: str) -> dict:
                                    loss_type=pc.loss_type, reference=reference,
                                    rpo_alpha=pc.get("rpo_alpha"))
   else:
-    from input_pipeline import pipeline as pipeline_lib
     recs = task_lib.train_records(config, workdir, skips)
     inner = pipeline_lib.make_iterator(recs, pcfg, tok, qtok, skips=skips)
     data_iter = ckpt_lib.CheckpointableIterator(RolloutKeyIterator(inner, config.seed + 7))
@@ -206,6 +215,7 @@ def run(config, workdir: str, mode: str) -> dict:
   checkpointer = ckpt_lib.Checkpointer.for_training(workdir, config.checkpoint)
   state, start = checkpointer.restore_or_start(state, data_iter)
   steps_cache: dict = {}
+  pads = pipeline_lib.sequence_pad_values(tok.pad_id)
 
   def step_fn(prompt_len: int | None):
     if prompt_len not in steps_cache:
@@ -230,14 +240,16 @@ def run(config, workdir: str, mode: str) -> dict:
       while step < num_steps:
         t0 = time.time()
         if mode == "dpo":
-          batch = next(data_iter)
-          state, m = step_fn(None)(state, built.frozen, sharding_lib.to_global_batch(batch, built.mesh), ref_params)
+          batch = sharding_lib.common_sequence_length(next(data_iter), pads)
+          state, m = step_fn(None)(state, built.frozen,
+                                   sharding_lib.to_global_batch(batch, built.mesh), ref_params)
           m = jax.device_get(m)
           aux = m.pop("aux")
           n = max(float(aux.pop("pairs")), 1.0)
           scalars = {k: float(v) / n for k, v in aux.items()}
         else:
           (host_batch, key) = next(data_iter)
+          host_batch = sharding_lib.common_sequence_length(host_batch, pads)
           state, scalars = _grpo_step(state, host_batch, key, built, tok, rollout, step_fn,
                                       reward_fns, pc, ref_params)
           m = scalars.pop("_m")
@@ -321,6 +333,7 @@ def _grpo_step(state, host_batch, key, built, tok, rollout, step_fn, reward_fns,
   t_upd = time.time() - t1
   aux = m.pop("aux")
   ntok = max(float(aux["completion_tokens"]), 1.0)
+  total, per = _all_processes(total), {k: _all_processes(v) for k, v in per.items()}
   scalars = {"reward": float(np.mean(total)), "reward_std": float(np.std(total)),
              "completion_length": float(aux["completion_tokens"]) / max(float(aux["completions"]), 1.0),
              "clip_ratio": float(aux["clipped_sum"]) / ntok,

@@ -45,6 +45,7 @@ from emo_jax.train import task as task_lib
 from emo_jax.train import writers as writers_lib
 from emo_jax.train.errors import MissingCheckpointError, NonFiniteError
 from input_pipeline import paths
+from input_pipeline import pipeline as pipeline_lib
 from input_pipeline.records import SkipCounter
 
 # Peak dense FLOP/s per device by device kind (bf16; public spec sheets). Our table, used
@@ -208,6 +209,7 @@ def train(config, workdir: str) -> dict:
   raw_iter, num_records = task_lib.train_iterator(config, workdir, built.model_cfg, toks, skips)
   train_iter = ckpt_lib.CheckpointableIterator(raw_iter)
   num_steps = total_steps(config, num_records)
+  pads = pipeline_lib.sequence_pad_values(toks[0].pad_id)
 
   tx, schedules = opt_lib.make_optimizer(config.optimizer.to_dict(), num_steps, built.params)
   state = state_lib.create_train_state(built.params, built.rngs, tx)
@@ -256,7 +258,8 @@ def train(config, workdir: str) -> dict:
         if hash_log is not None:   # data provenance: which examples each step saw
           hash_log.write(json.dumps({"step": step + 1, "sha1": _batch_sha1(host_batch)}) + "\n")
           hash_log.flush()
-        batch = sharding_lib.to_global_batch(task_lib.model_batch(host_batch), built.mesh)
+        batch = sharding_lib.common_sequence_length(task_lib.model_batch(host_batch), pads)
+        batch = sharding_lib.to_global_batch(batch, built.mesh)
         key = tuple((k, v.shape) for k, v in sorted(batch.items()))
         if key not in compiled:   # one compile per bucket length
           traced = step_fn.trace(state, built.frozen, batch)
