@@ -149,6 +149,45 @@ def _level(url: str, bodies: list[bytes], clients: int, count: int, pid: int) ->
           "p95_ms": 1000 * float(np.percentile(lat, 95)), "health": health}
 
 
+def _cpu_budget(eng, cfg, images: list[str], max_tokens: int, levels: list[dict]) -> dict:
+  """Where a request's CPU time goes, measured in this process with the server's OpenCV
+  setting: preparing it (image decode, face check, tokenizing) and the model's share of a
+  batch of 1 and of the largest bucket. On C cores, a server whose only cost were these
+  could answer at most C * 1000 / (prepare + model share) requests/s (HTTP free, nothing
+  else running); the measured server CPU per request gives the bound with HTTP included."""
+  import cv2
+  from emo_jax.serve import engine as engine_lib
+  threads = int(cfg.serve.get("opencv_threads", 0))
+  before = cv2.getNumThreads()
+  if threads:
+    cv2.setNumThreads(threads)
+  big = int(cfg.serve.batch_buckets[-1])
+  n = 2 * big
+  try:
+    c0 = time.process_time()
+    reqs = [eng.prepare([{"from": "human", "value": QUESTION}],
+                        engine_lib.Media("image", images[j % len(images)], "bench"),
+                        max_tokens=max_tokens) for j in range(n)]
+    prepare = 1000 * (time.process_time() - c0) / n
+  finally:
+    cv2.setNumThreads(before)
+  model = {}
+  for b in (1, big):
+    eng.run_batch(reqs[:b])                      # compiles this bucket (untimed)
+    c0 = time.process_time()
+    for k in range(0, n, b):
+      eng.run_batch(reqs[k:k + b])
+    model[str(b)] = 1000 * (time.process_time() - c0) / n
+  cores = os.cpu_count() or 1
+  out = {"cores": cores, "opencv_threads": threads, "prepare_cpu_ms": prepare,
+         "model_cpu_ms_per_request": model,
+         "ceiling_rps_http_free": cores * 1000 / (prepare + model[str(big)])}
+  if levels:
+    top = max(levels, key=lambda lv: lv["clients"])
+    out["ceiling_rps_with_http"] = cores * 1000 / top["server_cpu_ms_per_request"]
+  return out
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--config", default="configs/default.py:test")
@@ -245,6 +284,8 @@ def main(argv=None) -> dict:
                                  "p50_ms": 1000 * float(np.percentile(lat, 50)),
                                  "p95_ms": 1000 * float(np.percentile(lat, 95))}
   print(f"sequential engine: {result['sequential_engine']}", flush=True)
+  result["cpu_budget"] = _cpu_budget(eng, cfg, images, max_tokens, levels)
+  print(f"CPU budget: {result['cpu_budget']}", flush=True)
   from flax import nnx
   m = nnx.merge(eng.graphdef, eng.state)
   lat = []
@@ -292,6 +333,23 @@ def _markdown(r: dict) -> str:
             "decoding, face detection, model) per request, or of this process for the "
             "sequential engine; less sensitive than wall time to other load on the machine "
             "(load avg: the 1-minute load average when the level started)."]
+  cb = r.get("cpu_budget")
+  if cb:
+    seq = se["rps"]
+    big = max(cb["model_cpu_ms_per_request"], key=int)
+    lines += ["", f"Where a request's CPU goes (in process, OpenCV threads "
+              f"{cb['opencv_threads'] or 'default'}): preparing it (decode, face check, "
+              f"tokenize) {cb['prepare_cpu_ms']:.1f} ms; the model's share "
+              f"{cb['model_cpu_ms_per_request']['1']:.1f} ms at batch 1, "
+              f"{cb['model_cpu_ms_per_request'][big]:.1f} ms at batch {big}. "
+              f"On {cb['cores']} cores a server spending only that could answer at most "
+              f"{cb['ceiling_rps_http_free']:.0f} requests/s "
+              f"({cb['ceiling_rps_http_free'] / seq:.2f}x the sequential engine) with HTTP "
+              "free and no client on the machine"
+              + (f"; with the measured server CPU per request at the largest level (HTTP "
+                 f"included) at most {cb['ceiling_rps_with_http']:.0f} requests/s "
+                 f"({cb['ceiling_rps_with_http'] / seq:.2f}x)"
+                 if "ceiling_rps_with_http" in cb else "") + "."]
   cs = r["cold_start_s"]
   lines += ["", "Cold start (process start to /health answering, model load + compiling "
             "every bucket):", "",

@@ -155,6 +155,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.batch_buckets = (1, 2, 4, 8, 16)   # generated rows per compiled call (last: max batch)
   s.score_buckets = (1, 2, 4, 8, 16)   # option-likelihood prompts (windows) per call
   s.prepare_concurrency = 2        # requests decoded / tokenized at once (CPU threads)
+  s.opencv_threads = 1             # OpenCV's threads per call in the server (0 = its default):
+                                   # requests are already prepared in parallel
   s.length_buckets = ()            # () = data.pipeline.bucket_lengths
   s.max_tokens = 16                # the decode loop's static length (per-request cap)
   s.max_n = 4

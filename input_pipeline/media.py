@@ -25,6 +25,7 @@ users, in `preprocess` / `preprocess_vit` / `preprocess_face` = normalize(geomet
 from __future__ import annotations
 
 import bisect
+import io
 import os
 import threading
 from typing import Sequence
@@ -64,8 +65,17 @@ def load_image(path: str) -> np.ndarray:
   """uint8 [H, W, 3] RGB, upright per the EXIF orientation tag; BadInputError if unusable."""
   if not os.path.isfile(path):
     raise BadInputError("missing_file", path)
+  return _decode_image(path, path)
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+  """`load_image` of a file's bytes held in memory; `name` labels errors."""
+  return _decode_image(io.BytesIO(data), name)
+
+
+def _decode_image(source, path: str) -> np.ndarray:
   try:
-    with Image.open(path) as im:
+    with Image.open(source) as im:
       im.load()  # decode fully now: truncated files raise here, not later
       im = ImageOps.exif_transpose(im)
       arr = np.asarray(to_rgb(im))

@@ -394,3 +394,34 @@ def test_batch_chunks_use_buckets_without_much_padding():
         assert len(c) <= buckets[-1]
         padded = next(b for b in buckets if b >= len(c))
         assert padded - len(c) <= len(c) / 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"prepare_concurrency": 0}, "prepare_concurrency=0 must be at least 1"),
+    ({"batch_buckets": ()}, "batch_buckets=() must be distinct positive sizes"),
+    ({"score_buckets": (4, 0)}, "score_buckets=(0, 4) must be distinct positive sizes"),
+    ({"max_wait_ms": -1.0}, "max_wait_ms=-1.0 must be >= 0"),
+    ({"request_timeout_s": 0.0}, "request_timeout_s=0.0 must be > 0"),
+    ({"opencv_threads": -2}, "opencv_threads=-2 must be >= 0"),
+    ({"max_n": 32}, "max_n=32 exceeds the largest batch bucket 16"),
+    ({"max_prompt_tokens": 10_000}, "max_prompt_tokens=10000 exceeds the largest length"),
+])
+def test_nonsense_serve_settings_are_refused(override, message):
+  from emo_jax.serve import engine
+  cfg = default.get_config("test")
+  engine.check_serve_config(engine.serve_config(cfg))     # the shipped settings pass
+  cfg.serve.update(override)
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    engine.check_serve_config(engine.serve_config(cfg))
+
+
+def test_server_command_refuses_a_nonsense_setting_before_loading(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "emo_jax.serve", "--config=configs/default.py:test",
+       f"--workdir={tmp_path / 'wd'}", "--config.serve.prepare_concurrency=0"],
+      cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"), text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: config.serve.prepare_concurrency=0 must be at least 1")
+  assert not (tmp_path / "wd").exists()       # nothing written

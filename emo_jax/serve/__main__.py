@@ -32,11 +32,16 @@ def main(argv):
   import uvicorn
   from emo_jax.serve import api, engine as engine_lib
   cfg = FLAGS.config
-  os.makedirs(FLAGS.workdir, exist_ok=True)
   from emo_jax.convert.safetensors_io import CheckpointError
   try:
+    engine_lib.check_serve_config(engine_lib.serve_config(cfg))
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    threads = int(cfg.serve.opencv_threads)
+    if threads:   # requests are prepared in parallel threads: OpenCV's own pool only contends
+      import cv2
+      cv2.setNumThreads(threads)
     eng = engine_lib.Engine(cfg, FLAGS.workdir, bundle=FLAGS.bundle)
-  except (FileNotFoundError, CheckpointError) as e:
+  except (FileNotFoundError, CheckpointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   application = api.create_app(eng, demo=bool(cfg.serve.demo))

@@ -97,11 +97,13 @@ def apply_compilation_cache(cache_dir: str) -> None:
 
 @dataclasses.dataclass
 class Media:
-  """A media file on disk for one request (`temporary` ones are deleted after `prepare`)."""
+  """A request's media: a file on disk (`temporary` ones are deleted after `prepare`) or an
+  uploaded image's bytes in memory (`data`; `path` is then its label)."""
   kind: str          # 'image' | 'video'
   path: str
   label: str         # how messages name it ('the uploaded image' or the client's path)
   temporary: bool = False
+  data: bytes | None = None
 
 
 def resolve_path(media_root: str, url: str, param: str) -> str:
@@ -159,6 +161,8 @@ def media_from_url(url: str, *, media_root: str, max_bytes: int, tmp_dir: str,
       raise InputError(f"unsupported media type {mime or '(none)'!r}; images: "
                        f"{', '.join(IMAGE_MIME)}; videos: {', '.join(VIDEO_MIME)}",
                        code="unsupported_media_type", param=param, status=415)
+    if kind == "image":   # decoded from memory; a video goes to a file for the demuxer
+      return Media(kind, "the uploaded image", "the uploaded image", data=data)
     fd, path = tempfile.mkstemp(suffix=ext, prefix="upload_", dir=tmp_dir)
     with os.fdopen(fd, "wb") as f:
       f.write(data)
@@ -180,7 +184,7 @@ def load_windows(media: Media, predict_cfg, num_frames: int, max_video_frames: i
   face check of `predict_cfg.face_mode`. InputError for anything unusable."""
   try:
     return predict_lib.decode_windows(media.path, media.kind, predict_cfg, num_frames,
-                                      max_video_frames)
+                                      max_video_frames, data=media.data)
   except predict_lib.PredictError as e:
     status = 413 if e.reason == "video_too_long" else 400
     raise InputError(str(e).replace(media.path, media.label), code=e.reason, param=param,
@@ -234,7 +238,30 @@ def serve_config(config):
       max_wait_ms=float(s.max_wait_ms), batch_buckets=tuple(sorted(s.batch_buckets)),
       score_buckets=tuple(sorted(s.score_buckets)), length_buckets=tuple(sorted(lengths)),
       max_tokens=int(s.max_tokens), max_n=int(s.max_n), warmup=bool(s.warmup),
-      prepare_concurrency=int(s.prepare_concurrency))
+      prepare_concurrency=int(s.prepare_concurrency),
+      opencv_threads=int(s.get("opencv_threads", 0)))
+
+
+def check_serve_config(s: dict) -> None:
+  """ValueError (one line) for a setting the server cannot run with."""
+  def need(ok: bool, what: str) -> None:
+    if not ok:
+      raise ValueError(f"config.serve.{what}")
+  for k in ("max_upload_bytes", "max_video_frames", "max_prompt_tokens", "max_queue",
+            "max_tokens", "max_n", "prepare_concurrency"):
+    need(s[k] >= 1, f"{k}={s[k]} must be at least 1")
+  need(s["request_timeout_s"] > 0, f"request_timeout_s={s['request_timeout_s']} must be > 0")
+  need(s["max_wait_ms"] >= 0, f"max_wait_ms={s['max_wait_ms']} must be >= 0")
+  need(s["opencv_threads"] >= 0, f"opencv_threads={s['opencv_threads']} must be >= 0 "
+       "(0 = OpenCV's default)")
+  for k in ("batch_buckets", "score_buckets", "length_buckets"):
+    need(bool(s[k]) and min(s[k]) >= 1 and len(set(s[k])) == len(s[k]),
+         f"{k}={s[k]} must be distinct positive sizes")
+  need(s["max_n"] <= s["batch_buckets"][-1],
+       f"max_n={s['max_n']} exceeds the largest batch bucket {s['batch_buckets'][-1]}")
+  need(s["max_prompt_tokens"] <= s["length_buckets"][-1],
+       f"max_prompt_tokens={s['max_prompt_tokens']} exceeds the largest length bucket "
+       f"{s['length_buckets'][-1]}")
 
 
 class Engine:
@@ -247,6 +274,7 @@ class Engine:
     self.config = config
     self.workdir = os.path.abspath(workdir)
     self.s = serve_config(config)
+    check_serve_config(self.s)
     cache = config.serve.compilation_cache_dir or os.path.join(self.workdir, "jax_cache")
     if cache != "none":
       apply_compilation_cache(cache)

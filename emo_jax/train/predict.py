@@ -200,14 +200,16 @@ def load_windows(config, input_path: str) -> tuple[str, list[tuple[float, float,
 
 
 def decode_windows(path: str, kind: str, predict_cfg, num_frames: int,
-                   max_video_frames: int | None = None
+                   max_video_frames: int | None = None, data: bytes | None = None
                    ) -> list[tuple[float, float, np.ndarray]]:
   """The windows of a file whose kind is known, faces checked as `predict_cfg.face_mode`
   says; a video of more than `max_video_frames` frames is refused (PredictError with
-  reason 'video_too_long')."""
+  reason 'video_too_long'). `data`: an image's bytes held in memory (`path` then only
+  names it in messages)."""
   if kind == "image":
     try:
-      windows = [(0.0, 0.0, media_lib.load_image(path)[None])]
+      img = media_lib.load_image(path) if data is None else media_lib.decode_image(data, path)
+      windows = [(0.0, 0.0, img[None])]
     except BadInputError as e:
       raise PredictError(f"{path}: not a readable image ({e.reason}: {e.detail})",
                          reason="invalid_image") from None
