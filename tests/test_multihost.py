@@ -101,10 +101,11 @@ def _global_first_batch(root, paths, shuffle_options: bool, count: int) -> dict:
                                   seed=c.seed, shuffle_options=shuffle_options)
   parts = [next(iter(pl.make_dataset(recs, pcfg, *toks, process_index=i,
                                      process_count=count))) for i in range(count)]
-  # Process i contributes rows i, i+count, ... of the global shuffled order: restore it.
+  # The global array holds each process's rows as a block; process i has the examples
+  # i, i+count, ... of the global shuffled order. GRPO samples in that order: restore it.
+  from emo_jax.posttrain.grpo import global_order
   glob = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  b = len(glob["input_ids"])
-  order = np.argsort([i * count + j for j in range(count) for i in range(b // count)])
+  order = global_order(len(glob["input_ids"]), count)
   return {k: v[order] for k, v in glob.items()}
 
 
@@ -244,12 +245,34 @@ def test_hosts_with_different_bucket_lengths_agree(tmp_path):
 
 GRPO_STEPS = 2
 
+# The tiny random model never names a class, so the built-in rewards would all be 0, every
+# advantage 0 and the update trivial. A reward registered by the config (the user-extension
+# path) that differs between random completions makes the update carry real gradients.
+GRPO_CONFIG = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from configs import posttrain
+from emo_jax.posttrain import rewards
 
-def _grpo_argv(workdir, *extra) -> list:
-  return [sys.executable, "-m", "emo_jax.main", "--config=configs/posttrain.py:test",
-          "--mode=grpo", f"--workdir={workdir}", f"--config.grpo.num_steps={GRPO_STEPS}",
-          "--config.grpo.batch_size=4", "--config.grpo.num_generations=2",
-          "--config.eval.at_end=False", "--config.export.at_end=False",
+
+def letter_share(prompts, completions, **_):
+  return [sum(ch.isalpha() for ch in c) / max(len(c), 1) for c in completions]
+
+
+rewards.register("letter_share", lambda **_: letter_share)
+
+
+def get_config(arg=None):
+  c = posttrain.get_config("test")
+  c.grpo.update(dict(rewards=("letter_share",), batch_size=4, num_generations=4,
+                     num_steps={GRPO_STEPS}))
+  return c
+"""
+
+
+def _grpo_argv(config, workdir, *extra) -> list:
+  return [sys.executable, "-m", "emo_jax.main", f"--config={config}", "--mode=grpo",
+          f"--workdir={workdir}", "--config.eval.at_end=False", "--config.export.at_end=False",
           "--config.checkpoint.async_save=False", *extra]
 
 
@@ -261,17 +284,19 @@ def _grpo_log(workdir) -> dict:
 
 @pytest.mark.slow
 def test_grpo_two_processes_match_one_process(tmp_path):
-  """GRPO's rollout (sharded prompts, completions gathered per host), host-side rewards and
-  the update run across two processes exactly as on one: same rewards, completion lengths,
-  KL and loss at every step (the rollout RNG is one key for the global batch)."""
+  """GRPO across two processes gives what one process gives: the rollout (sharded prompts,
+  one key for the global batch, completions gathered per host), host-side rewards, group
+  advantages and the update."""
+  config = tmp_path / "grpo_config.py"
+  config.write_text(GRPO_CONFIG)
   single_dir = tmp_path / "single"
-  single = subprocess.run(_grpo_argv(single_dir), cwd=ROOT, env=_env(4), text=True,
+  single = subprocess.run(_grpo_argv(config, single_dir), cwd=ROOT, env=_env(4), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=TIMEOUT_S)
   _check(single.stdout, single.returncode, "single-process GRPO")
   port = _free_port()
   multi_dir = tmp_path / "multi"
   procs = [subprocess.Popen(
-      _grpo_argv(multi_dir, f"--config.data.root={single_dir / 'data'}",
+      _grpo_argv(config, multi_dir, f"--config.data.root={single_dir / 'data'}",
                  f"--coordinator_address=localhost:{port}", "--num_processes=2",
                  f"--process_id={i}"),
       cwd=ROOT, env=_env(2), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -290,7 +315,8 @@ def test_grpo_two_processes_match_one_process(tmp_path):
   ref, got = _grpo_log(single_dir), _grpo_log(multi_dir)
   assert sorted(ref) == sorted(got) == list(range(1, GRPO_STEPS + 1))
   for s in ref:
-    assert np.isfinite(ref[s]["loss"]) and ref[s]["completion_length"] > 0
-    for k in ("reward", "completion_length", "kl", "loss", "grad_norm"):
+    assert ref[s]["reward_std"] > 0 and ref[s]["grad_norm"] > 0, ref[s]   # a real update
+    for k in ("reward", "reward_std", "rewards/letter_share", "completion_length", "kl",
+              "loss", "grad_norm"):
       np.testing.assert_allclose(got[s][k], ref[s][k], rtol=1e-4, atol=1e-6,
                                  err_msg=f"step {s} {k}")

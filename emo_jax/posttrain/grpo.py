@@ -123,26 +123,45 @@ def make_loss_fn(*, prompt_len: int, beta: float, epsilon: float, epsilon_high: 
 # ------------------------------------------------------------------------------ rollout
 
 
+def global_order(batch_size: int, process_count: int) -> np.ndarray:
+  """Row permutation from the global array's layout to the data pipeline's global order.
+
+  A global batch array holds each process's rows as one block (process i: rows
+  i*b .. i*b+b-1, b = batch_size / process_count), while the pipeline gives process i the
+  examples i, i+count, i+2*count, ... of the global order. `x[global_order(...)]` puts the
+  rows in that global order (identity for one process)."""
+  b = batch_size // process_count
+  g = np.arange(batch_size)
+  return (g % process_count) * b + g // process_count
+
+
 def _rollout(graphdef, params, rngs, frozen, batch, key, *, num_generations, max_new_tokens,
-             sampling, eos_id, pad_id):
+             sampling, eos_id, pad_id, process_count=1):
   model = nnx.merge(graphdef, params, rngs, frozen)
   embeds, mask = model.embed_multimodal(batch)
-  g = num_generations
-  return generation.generate(
+  g, b = num_generations, embeds.shape[0]
+  # Sample in the pipeline's global order: the random stream of a row depends on its
+  # position, so this keeps the samples independent of the number of processes.
+  order = global_order(b, process_count)
+  embeds, mask = embeds[order], mask[order]
+  comps = generation.generate(
       model.language_model, inputs_embeds=jnp.repeat(embeds, g, axis=0),
       attention_mask=jnp.repeat(mask, g, axis=0), max_new_tokens=max_new_tokens,
       eos_token_id=eos_id, pad_token_id=pad_id, sampling=sampling, rng=key)
+  back = np.argsort(order)
+  return comps.reshape(b, g, -1)[back].reshape(b * g, -1)
 
 
 def make_rollout(graphdef, *, num_generations: int, max_new_tokens: int,
                  sampling: generation.SamplingConfig, eos_id: int, pad_id: int,
-                 in_shardings=None):
+                 in_shardings=None, process_count: int = 1):
   """jit of `(params, rngs, frozen, prompt batch, key) -> completions int32 [B*G, N]`:
-  G samples per left-padded prompt, the prompt's media encoded once. Compiled once per
-  prompt shape (bucket); the weights are the train state's, on its mesh."""
+  G samples per left-padded prompt, the prompt's media encoded once, rows in the batch's
+  own layout (sampled in the pipeline's global order over `process_count` processes).
+  Compiled once per prompt shape (bucket); the weights are the train state's, on its mesh."""
   fn = functools.partial(_rollout, graphdef, num_generations=num_generations,
                          max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id,
-                         pad_id=pad_id)
+                         pad_id=pad_id, process_count=process_count)
   kw = {} if in_shardings is None else {"in_shardings": in_shardings}
   return jax.jit(fn, compiler_options=generation.decode_compiler_options(), **kw)
 

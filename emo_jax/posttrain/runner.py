@@ -198,7 +198,8 @@ def run(config, workdir: str, mode: str) -> dict:
                                          top_p=float(pc.top_p))
     rollout = grpo_lib.make_rollout(built.graphdef, num_generations=g,
                                     max_new_tokens=int(pc.max_completion_length),
-                                    sampling=sampling, eos_id=tok.eos_id, pad_id=tok.pad_id)
+                                    sampling=sampling, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                    process_count=jax.process_count())
 
   # ---- state, step, checkpoints
   tx, schedules = opt_lib.make_optimizer(scaled_optimizer(config.optimizer.to_dict(),
