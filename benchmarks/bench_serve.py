@@ -149,7 +149,7 @@ def _level(url: str, bodies: list[bytes], clients: int, count: int, pid: int) ->
           "p95_ms": 1000 * float(np.percentile(lat, 95)), "health": health}
 
 
-def _cpu_budget(eng, cfg, images: list[str], max_tokens: int, levels: list[dict]) -> dict:
+def _cpu_budget(eng, images: list[str], max_tokens: int, levels: list[dict]) -> dict:
   """Where a request's CPU time goes, measured in this process with the server's OpenCV
   setting: preparing it (image decode, face check, tokenizing) and the model's share of a
   batch of 1 and of the largest bucket. On C cores, a server whose only cost were these
@@ -157,11 +157,11 @@ def _cpu_budget(eng, cfg, images: list[str], max_tokens: int, levels: list[dict]
   else running); the measured server CPU per request gives the bound with HTTP included."""
   import cv2
   from emo_jax.serve import engine as engine_lib
-  threads = int(cfg.serve.get("opencv_threads", 0))
+  threads = eng.s["opencv_threads"]
   before = cv2.getNumThreads()
   if threads:
     cv2.setNumThreads(threads)
-  big = int(cfg.serve.batch_buckets[-1])
+  big = eng.s["batch_buckets"][-1]
   n = 2 * big
   try:
     c0 = time.process_time()
@@ -284,7 +284,7 @@ def main(argv=None) -> dict:
                                  "p50_ms": 1000 * float(np.percentile(lat, 50)),
                                  "p95_ms": 1000 * float(np.percentile(lat, 95))}
   print(f"sequential engine: {result['sequential_engine']}", flush=True)
-  result["cpu_budget"] = _cpu_budget(eng, cfg, images, max_tokens, levels)
+  result["cpu_budget"] = _cpu_budget(eng, images, max_tokens, levels)
   print(f"CPU budget: {result['cpu_budget']}", flush=True)
   from flax import nnx
   m = nnx.merge(eng.graphdef, eng.state)

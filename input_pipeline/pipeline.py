@@ -531,9 +531,10 @@ def collate(examples: Sequence[dict], *, bucket_lengths: Sequence[int], pad_id: 
   if not examples:
     raise ValueError("empty batch")
   length = bucket_length(max(len(e["input_ids"]) for e in examples), bucket_lengths)
+  pads = sequence_pad_values(pad_id)
   batch = {}
-  for key, pad in (("input_ids", pad_id), ("attention_mask", 0), ("loss_mask", 0)):
-    arr = np.full((len(examples), length), pad, np.int32)
+  for key in ("input_ids", "attention_mask", "loss_mask"):
+    arr = np.full((len(examples), length), pads[key], np.int32)
     for i, e in enumerate(examples):
       arr[i, :len(e[key])] = e[key]
     batch[key] = arr

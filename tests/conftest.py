@@ -60,4 +60,3 @@ def toks(llama_tok, bert_vocab):
   """(LlamaTokenizer, BertTokenizer): the pair the pipeline tests tokenize with."""
   from input_pipeline import tokenizers
   return llama_tok, tokenizers.BertTokenizer(bert_vocab)
-

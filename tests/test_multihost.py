@@ -75,6 +75,26 @@ def _check(out: str, rc: int, what: str) -> None:
   assert rc == 0, f"{what} failed (rc={rc}):\n{out[-4000:]}"
 
 
+def run_processes(argvs: list[list[str]], env: dict, what: str,
+                  timeout: float = TIMEOUT_S) -> list[str]:
+  """Starts one subprocess per argv at once (the processes of one jax.distributed job),
+  waits for all, kills any left over, checks every exit code; returns their outputs."""
+  procs = [subprocess.Popen(a, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT) for a in argvs]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=timeout)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    _check(out, p.returncode, f"{what} process {i}")
+  return outs
+
+
 # ------------------------------------------------------------------------------ input side
 
 
@@ -138,24 +158,10 @@ def test_two_processes_match_one_process(tmp_path):
   # 2) Two processes x 4 devices on localhost, same data, one shared workdir.
   port = _free_port()
   multi_dir = tmp_path / "multi"
-  procs = []
-  for i in range(2):
-    argv = _main_argv(config, multi_dir, f"--config.data.root={single_dir / 'data'}",
-                      f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                      f"--process_id={i}")
-    procs.append(subprocess.Popen(argv, cwd=ROOT, env=_env(4), text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=TIMEOUT_S)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    _check(out, p.returncode, f"process {i}")
+  outs = run_processes(
+      [_main_argv(config, multi_dir, f"--config.data.root={single_dir / 'data'}",
+                  f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                  f"--process_id={i}") for i in range(2)], _env(4), "multi-process run")
   got = _losses(outs[0])
   assert sorted(got) == sorted(ref), outs[0][-3000:]
   for step in ref:   # main prints the loss with 4 decimals
@@ -226,12 +232,8 @@ def test_hosts_with_different_bucket_lengths_agree(tmp_path):
   script = tmp_path / "lengths.py"
   script.write_text(LENGTHS_SCRIPT)
   port, out = _free_port(), tmp_path / "global.npz"
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(out)],
-                            cwd=ROOT, env=_env(2), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT) for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  for i, (p, o) in enumerate(zip(procs, outs)):
-    _check(o, p.returncode, f"process {i}")
+  run_processes([[sys.executable, str(script), str(port), str(i), str(out)] for i in range(2)],
+                _env(2), "lengths", timeout=300)
   g = np.load(out)
   assert g["input_ids"].shape == g["attention_mask"].shape == g["loss_mask"].shape == (4, 7)
   np.testing.assert_array_equal(g["input_ids"][:2], [[10] * 4 + [-1] * 3] * 2)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_multihost import ROOT, TIMEOUT_S, _check, _env, _free_port
+from test_multihost import ROOT, TIMEOUT_S, _check, _env, _free_port, run_processes
 
 # -------------------------------------------------------------------------- GRPO on 2 hosts
 
@@ -64,23 +64,9 @@ def test_grpo_two_processes_match_one_process(tmp_path):
   _check(single.stdout, single.returncode, "single-process GRPO")
   port = _free_port()
   multi_dir = tmp_path / "multi"
-  procs = [subprocess.Popen(
-      _grpo_argv(config, multi_dir, f"--config.data.root={single_dir / 'data'}",
-                 f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                 f"--process_id={i}"),
-      cwd=ROOT, env=_env(2), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-      for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=TIMEOUT_S)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    _check(out, p.returncode, f"GRPO process {i}")
+  run_processes([_grpo_argv(config, multi_dir, f"--config.data.root={single_dir / 'data'}",
+                            f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                            f"--process_id={i}") for i in range(2)], _env(2), "GRPO")
   ref, got = _grpo_log(single_dir), _grpo_log(multi_dir)
   assert sorted(ref) == sorted(got) == list(range(1, GRPO_STEPS + 1))
   for s in ref:

@@ -445,4 +445,3 @@ def test_rpo_alpha_adds_the_chosen_answers_mean_nll(cfg, model):
                              rtol=1e-4)
   np.testing.assert_allclose(float(sums["nll/chosen"]), float((nll * valid).sum()), rtol=1e-4)
   assert float((nll * valid).sum()) > 0
-

@@ -236,10 +236,10 @@ class PairCollate:
   def __call__(self, examples: Sequence[dict]) -> dict:
     length = pipeline_lib.bucket_length(max(e["seq_input_ids"].shape[1] for e in examples),
                                         self.bucket_lengths)
+    pads = pipeline_lib.sequence_pad_values(self.pad_id)
     batch = {}
-    for key, pad in (("seq_input_ids", self.pad_id), ("seq_attention_mask", 0),
-                     ("seq_loss_mask", 0)):
-      arr = np.full((len(examples), 2, length), pad, np.int32)
+    for key in ("seq_input_ids", "seq_attention_mask", "seq_loss_mask"):
+      arr = np.full((len(examples), 2, length), pads[key], np.int32)
       for i, e in enumerate(examples):
         arr[i, :, :e[key].shape[1]] = e[key]
       batch[key] = arr

@@ -33,15 +33,20 @@ def main(argv):
   from emo_jax.serve import api, engine as engine_lib
   cfg = FLAGS.config
   from emo_jax.convert.safetensors_io import CheckpointError
+  settings = engine_lib.serve_config(cfg)
   try:
-    engine_lib.check_serve_config(engine_lib.serve_config(cfg))
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    threads = int(cfg.serve.opencv_threads)
-    if threads:   # requests are prepared in parallel threads: OpenCV's own pool only contends
-      import cv2
-      cv2.setNumThreads(threads)
+    engine_lib.check_serve_config(settings)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if settings["opencv_threads"]:
+    # Requests are prepared in parallel threads: OpenCV's own pool only contends with them.
+    import cv2
+    cv2.setNumThreads(settings["opencv_threads"])
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  try:
     eng = engine_lib.Engine(cfg, FLAGS.workdir, bundle=FLAGS.bundle)
-  except (FileNotFoundError, CheckpointError, ValueError) as e:
+  except (FileNotFoundError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   application = api.create_app(eng, demo=bool(cfg.serve.demo))

@@ -239,7 +239,7 @@ def serve_config(config):
       score_buckets=tuple(sorted(s.score_buckets)), length_buckets=tuple(sorted(lengths)),
       max_tokens=int(s.max_tokens), max_n=int(s.max_n), warmup=bool(s.warmup),
       prepare_concurrency=int(s.prepare_concurrency),
-      opencv_threads=int(s.get("opencv_threads", 0)))
+      opencv_threads=int(s.opencv_threads))
 
 
 def check_serve_config(s: dict) -> None:
