@@ -21,10 +21,12 @@ Multi-host (Cloud TPU pods, several GPU hosts): `jax.distributed.initialize()` r
 --coordinator_address is given or the environment names a coordinator
 (JAX_COORDINATOR_ADDRESS, a TPU pod with several workers, SLURM, ...). Hosts started by
 hand may describe themselves with JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES +
-JAX_PROCESS_ID (flags win over them).
+JAX_PROCESS_ID (flags win over them). With an explicit address, process 0 first checks
+that the coordinator port is free on its host (exit 2 if another program holds it).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging as py_logging
 import os
@@ -72,13 +74,39 @@ def _multihost_from_env() -> bool:
   return False
 
 
+def check_coordinator(address: str, process_id: int | None) -> None:
+  """Raises UserError for a coordinator address without a port, or, on process 0 (which
+  runs the coordination service on that port, on every interface), for a port that some
+  other program holds: the service would crash its process and the other hosts would wait
+  for it until their timeout."""
+  import socket
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise UserError(f"coordinator address {address!r} is not host:port")
+  if process_id != 0:
+    return
+  for family, wildcard in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+    try:
+      with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the service binds
+        s.bind((wildcard, int(port)))
+      return
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        raise UserError(f"the coordinator port {port} is in use on this host (is an earlier "
+                        "run still running?); stop it or choose another port") from None
+  # Neither family could bind for another reason: leave the diagnosis to the service.
+
+
 def _maybe_initialize_distributed() -> None:
   import jax
   env = os.environ
   if FLAGS.coordinator_address:
+    check_coordinator(FLAGS.coordinator_address, FLAGS.process_id)
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES") and \
       env.get("JAX_PROCESS_ID"):
+    check_coordinator(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_PROCESS_ID"]))
     jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
                                int(env["JAX_PROCESS_ID"]))
   elif _multihost_from_env():
@@ -221,7 +249,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   configure_logging()
-  _maybe_initialize_distributed()
+  try:
+    _maybe_initialize_distributed()
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   from input_pipeline.records import BadInputError
   try:
     out = run(FLAGS.config, FLAGS.workdir, FLAGS.mode, input_path=FLAGS.input,

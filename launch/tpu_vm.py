@@ -39,6 +39,8 @@ from typing import Callable, Sequence
 
 REPO_DIR = "~/emo_jax"
 LOG_DIR = "~/logs"
+# The last line of a run's log once its command has ended (followers of the log see it).
+EXIT_LINE = "launch.tpu_vm: the command exited with status"
 
 # Runtime images per generation (Cloud TPU docs); users override with --runtime_version.
 _DEFAULT_RUNTIME = {
@@ -320,13 +322,16 @@ def check_workdir(spec: TpuSpec, workdir: str) -> None:
 
 def remote_script(commands: Sequence[Sequence[str]], log_names: Sequence[str],
                   env: dict[str, str] | None = None, background: bool = True) -> str:
-  """A shell string running ``commands`` one after another, each into its own log."""
+  """A shell string running ``commands`` one after another, each into its own log, which
+  ends with ``EXIT_LINE`` and the command's exit status. In the foreground the string
+  exits with the last command's status."""
   exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in (env or {}).items())
-  body = "; ".join(f"{shlex.join(c)} > {LOG_DIR}/{n}.log 2>&1"
+  body = "; ".join(f"{shlex.join(c)} > {LOG_DIR}/{n}.log 2>&1; rc=$?; "
+                   f"echo \"{EXIT_LINE} $rc\" >> {LOG_DIR}/{n}.log"
                    for c, n in zip(commands, log_names, strict=True))
   prefix = f"cd {REPO_DIR} && . .venv/bin/activate && mkdir -p {LOG_DIR} && {exports}"
   if not background:
-    return prefix + body
+    return f"{prefix}{body}; exit $rc"
   # Only the nohup job goes to the background (braces): a backgrounded ``a && b && nohup ...``
   # list would keep the ssh session's stdout open, and ssh would wait for the whole run.
   return f"{prefix}{{ nohup bash -c {shlex.quote(body)} < /dev/null > /dev/null 2>&1 & }}"

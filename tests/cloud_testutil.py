@@ -27,20 +27,15 @@ writer at a known point, e.g. before a checkpoint step).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
 
+from ports import free_port
+
 BUCKET = "bucket"
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def client_env(url: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ import pytest
 from configs import default
 from emo_jax import main as main_lib
 from emo_jax.train import checkpoint as ckpt_lib
+from ports import free_port
 from resume_testutil import _env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,6 +211,38 @@ def test_misspelled_override_subprocess(tmp_path):
   assert last == "error: unknown config field '--config.train.num_stesp' (did you mean " \
                  "'num_steps'?)", p.stderr
   assert "Traceback" not in p.stderr and not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("how", ["flags", "env"])
+def test_coordinator_port_in_use_is_one_line(tmp_path, how):
+  """Process 0 of a multi-host run whose coordinator port another program holds (an earlier
+  run left behind): one error line, exit 2, before JAX starts the coordination service
+  (which would crash the process and leave the other hosts waiting)."""
+  with socket.socket() as held:
+    held.bind(("127.0.0.1", free_port()))
+    held.listen()
+    address = f"127.0.0.1:{held.getsockname()[1]}"
+    env, extra = _env(), []
+    if how == "flags":
+      extra = [f"--coordinator_address={address}", "--num_processes=2", "--process_id=0"]
+    else:
+      env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0")
+    p = subprocess.run([sys.executable, "-m", "emo_jax.main", CONFIG,
+                        f"--workdir={tmp_path / 'wd'}", *extra],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2, p.stderr[-3000:]
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: the coordinator port ") and "in use" in last, p.stderr
+  assert "Traceback" not in p.stderr and not (tmp_path / "wd").exists()
+
+
+def test_check_coordinator():
+  port = free_port()
+  main_lib.check_coordinator(f"127.0.0.1:{port}", 0)     # free: no error
+  main_lib.check_coordinator(f"10.0.0.2:{port}", 1)      # not process 0: the port is remote
+  for bad in ("localhost", "localhost:", ":8476", "host:http", "host:70000"):
+    with pytest.raises(main_lib.UserError, match="is not host:port"):
+      main_lib.check_coordinator(bad, 1)
 
 
 # ----------------------------------------------------------------------------- training

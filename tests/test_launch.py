@@ -1,6 +1,7 @@
 """Dry runs of the Cloud TPU launcher and the sweep launcher: command sequences, flags, workdirs."""
 
 import pathlib
+import re
 import shlex
 import sys
 
@@ -188,7 +189,8 @@ def _remote_runs(run_argv):
   """Training argvs inside a remote nohup chain."""
   remote = _flag(run_argv, "command")
   body = shlex.split(remote.split("nohup bash -c ", 1)[1])[0]
-  return [shlex.split(part.split(" > ")[0]) for part in body.split("; ")], body
+  return [shlex.split(part.split(" > ")[0]) for part in body.split("; ")
+          if part.startswith("python ")], body
 
 
 def test_sweep_four_points_sequential(tmp_path, capsys):
@@ -301,14 +303,26 @@ def test_runtime_requirements_exclude_test_references():
       ROOT / "scripts" / "test.sh").read_text()
 
 
+def _with_flags(argv, text):
+  """`argv` with the flags quoted in `text` set (a flag of the same name is replaced)."""
+  flags = shlex.split(text.replace("\n", " "))
+  names = {f.split("=", 1)[0] for f in flags}
+  return [a for a in argv if a.split("=", 1)[0] not in names] + flags
+
+
 def _readme_dry_runs(text):
-  """(argv, printed) for each ```bash launcher call followed by its printed block."""
+  """(argv, printed) for each ```bash launcher call followed by its printed block, and for
+  each later "The same with `<flags>` prints:" paragraph followed by its block."""
   blocks = text.split("```")
-  out = []
+  out, base = [], None
   for i, b in enumerate(blocks):
     if b.startswith("bash\npython -m launch.tpu_vm all") and i + 2 < len(blocks):
-      argv = shlex.split(b[len("bash\n"):].replace("\\\n", " "))[3:]
-      out.append((argv, blocks[i + 2].strip("\n")))
+      base = shlex.split(b[len("bash\n"):].replace("\\\n", " "))[3:]
+      out.append((base, blocks[i + 2].strip("\n")))
+    elif base and i % 2 == 0 and i + 1 < len(blocks):
+      m = re.search(r"The same with `([^`]*)` prints:\s*$", b)
+      if m:
+        out.append((_with_flags(base, m.group(1)), blocks[i + 1].strip("\n")))
   return out
 
 

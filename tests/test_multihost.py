@@ -15,12 +15,13 @@ per-example randomness is keyed by the global position, before the host split).
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from ports import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -42,12 +43,6 @@ def get_config(arg=None):
 def _write_config(path: pathlib.Path, shuffle: bool) -> pathlib.Path:
   path.write_text(CONFIG.replace("SHUFFLE", repr(shuffle)))
   return path
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def _env(devices: int) -> dict:
@@ -156,7 +151,7 @@ def test_two_processes_match_one_process(tmp_path):
   assert sorted(ref) == list(range(1, STEPS + 1)), single.stdout[-3000:]
 
   # 2) Two processes x 4 devices on localhost, same data, one shared workdir.
-  port = _free_port()
+  port = free_port()
   multi_dir = tmp_path / "multi"
   outs = run_processes(
       [_main_argv(config, multi_dir, f"--config.data.root={single_dir / 'data'}",
@@ -231,7 +226,7 @@ def test_hosts_with_different_bucket_lengths_agree(tmp_path):
   batch of length 7: the shorter host's rows padded (pad id, zero masks), nothing cut."""
   script = tmp_path / "lengths.py"
   script.write_text(LENGTHS_SCRIPT)
-  port, out = _free_port(), tmp_path / "global.npz"
+  port, out = free_port(), tmp_path / "global.npz"
   run_processes([[sys.executable, str(script), str(port), str(i), str(out)] for i in range(2)],
                 _env(2), "lengths", timeout=300)
   g = np.load(out)

@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from test_multihost import ROOT, TIMEOUT_S, _check, _env, _free_port, run_processes
+from ports import free_port
+
+from test_multihost import ROOT, TIMEOUT_S, _check, _env, run_processes
 
 # -------------------------------------------------------------------------- GRPO on 2 hosts
 
@@ -62,7 +64,7 @@ def test_grpo_two_processes_match_one_process(tmp_path):
   single = subprocess.run(_grpo_argv(config, single_dir), cwd=ROOT, env=_env(4), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=TIMEOUT_S)
   _check(single.stdout, single.returncode, "single-process GRPO")
-  port = _free_port()
+  port = free_port()
   multi_dir = tmp_path / "multi"
   run_processes([_grpo_argv(config, multi_dir, f"--config.data.root={single_dir / 'data'}",
                             f"--coordinator_address=localhost:{port}", "--num_processes=2",

@@ -31,6 +31,7 @@ import pytest
 
 import cloud_testutil
 from input_pipeline import paths
+from launch import tpu_vm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAKE = ROOT / "tests" / "fake_cloud"
@@ -60,14 +61,16 @@ def _launcher(args, env, **kw):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _wait_for(predicate, what, timeout=TIMEOUT_S, procs=()):
+def _wait_for(predicate, what, timeout=TIMEOUT_S, procs=(), logs=lambda: ""):
+  """Polls `predicate`; a launcher that failed or a timeout raises with `logs()` attached."""
   deadline = time.monotonic() + timeout
   while not predicate():
     for p in procs:
       if p.poll() is not None and p.returncode != 0:
-        raise AssertionError(f"{what}: launcher exited {p.returncode}:\n{p.stdout.read()[-4000:]}")
+        raise AssertionError(f"{what}: launcher exited {p.returncode}:\n"
+                             f"{p.stdout.read()[-4000:]}{logs()}")
     if time.monotonic() > deadline:
-      raise AssertionError(f"timed out waiting for {what}")
+      raise AssertionError(f"timed out waiting for {what}{logs()}")
     time.sleep(0.3)
 
 
@@ -147,7 +150,16 @@ def test_two_host_rehearsal_kill_and_resume(tmp_path):
     procs.append(run)
     workers = [fake_root / "emo" / f"worker-{i}" for i in range(2)]
     engaged = pathlib.Path(str(hold) + ".engaged")
-    _wait_for(engaged.exists, "the step-4 checkpoint save", procs=[run])
+    def logs():
+      return "".join(f"\n--- worker {i} log:\n" + _log(fake_root, "emo", i, "r")[-3000:]
+                     for i in range(2))
+
+    def engaged_or_ended():   # a run that ended before the save fails the wait at once
+      if any(tpu_vm.EXIT_LINE in _log(fake_root, "emo", i, "r") for i in range(2)):
+        raise AssertionError(f"the run ended before the step-4 save:{logs()}")
+      return engaged.exists()
+
+    _wait_for(engaged_or_ended, "the step-4 checkpoint save", procs=[run], logs=logs)
     _killpg_all(workers[1])
     _killpg_all(workers[0])   # the surviving host is stuck in a collective: restart it too
     hold.unlink()
@@ -181,6 +193,7 @@ def test_two_host_rehearsal_kill_and_resume(tmp_path):
     second = _log(fake_root, "emo", 0, "r")
     assert "resumed from step" in second and "step=1 loss=" not in second, second[-3000:]
     assert f"step={STEPS} loss=" in second
+    assert second.rstrip().endswith(f"{tpu_vm.EXIT_LINE} 0"), second[-3000:]
     assert _committed(wd, STEPS)
     dl = _launcher(["delete", "--name=emo", "--zone=local-a", "--accelerator_type=v4-16"], env)
     assert dl.wait(60) == 0 and not (fake_root / "emo").exists()

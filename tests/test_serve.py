@@ -10,7 +10,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,10 @@ import numpy as np
 import pytest
 
 from configs import default
+from ports import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_UPLOAD = 200_000
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _faces(n, size=112):
@@ -85,7 +79,7 @@ def server(tmp_path_factory):
                       np.concatenate([np.repeat(f[None], 8, 0) for f in faces[:3]]), fps=8)
   with open(root / "outside.png", "wb") as f:
     f.write(open(images[0], "rb").read())
-  port = _free_port()
+  port = free_port()
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
              XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
                                 if "device_count" not in f))

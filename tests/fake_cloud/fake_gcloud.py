@@ -28,7 +28,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -78,15 +77,10 @@ def worker_dir(name: str, i: int) -> str:
   return os.path.join(root(), name, f"worker-{i}")
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def create(name: str, kv: dict) -> None:
-  sys.path.insert(0, REPO)
+  sys.path[:0] = [REPO, os.path.dirname(HERE)]
   from launch.tpu_vm import num_hosts   # the launcher's host-count facts
+  from ports import free_port           # a coordinator port no outgoing connection takes
   if os.path.exists(state_path(name)):
     fail(f"TPU {name} already exists", 1)
   hosts = num_hosts(kv["accelerator-type"])
