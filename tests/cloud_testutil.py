@@ -102,6 +102,7 @@ def restore_env(old: dict[str, str | None]) -> None:
 
 def serve(port: int) -> None:
   """The emulator in memory on 127.0.0.1:`port` with `BUCKET` (see the module docstring)."""
+  import http.server
   import logging
   from gcp_storage_emulator import server as server_lib
   from gcp_storage_emulator import storage as storage_lib
@@ -144,6 +145,13 @@ def serve(port: int) -> None:
       return plain_handle(self, method)
 
     server_lib.Router.handle = handle
+  # The emulator serves one request at a time (http.server.HTTPServer). Its listen backlog
+  # of 5 overflows when two hosts' tensorstore and gcsfs clients connect at once, and each
+  # dropped SYN costs the client a retransmission timeout (1 s, then 3 s, 7 s, ...): a
+  # larger backlog queues them instead. A client that stalls mid-request would block every
+  # other one for good; the handler timeout drops it after two minutes.
+  http.server.HTTPServer.request_queue_size = 1024
+  server_lib.RequestHandler.timeout = 120
   logging.basicConfig(level=logging.CRITICAL)
   server = server_lib.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
   server.run()
