@@ -9,6 +9,7 @@ then crashes its process, and its peers wait for it). A port below the ephemeral
 handed out only on explicit request, so choosing one at random and checking that it binds
 on every address family leaves only a collision with another explicit pick.
 """
+import errno
 import random
 import socket
 
@@ -35,7 +36,7 @@ def _binds(port: int) -> bool:
       with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, port))
     except OSError as e:
-      if family == socket.AF_INET6 and e.errno == 97:   # EAFNOSUPPORT: no IPv6 here
+      if family == socket.AF_INET6 and e.errno != errno.EADDRINUSE:   # no IPv6 here
         continue
       return False
   return True
