@@ -326,6 +326,7 @@ def _chrome():
 
 
 def test_demo_page_in_headless_chromium(server, tmp_path):
+  from selenium.common.exceptions import StaleElementReferenceException
   from selenium.webdriver.common.by import By
   from selenium.webdriver.support import expected_conditions as EC
   from selenium.webdriver.support.ui import WebDriverWait
@@ -354,11 +355,15 @@ def test_demo_page_in_headless_chromium(server, tmp_path):
     assert os.path.getsize(os.path.join(shots, "demo_image.png")) > 10_000
     # Bad input: a clear message on the page, no answer.
     wall = _png(str(tmp_path / "wall.png"), np.full((96, 96, 3), 128, np.uint8))
+    preview = (By.CSS_SELECTOR, "#image_input img")
+    old_src = {e.get_attribute("src") for e in driver.find_elements(*preview)}
     driver.find_element(By.CSS_SELECTOR, "#image_input button[aria-label*='lear']").click() \
         if driver.find_elements(By.CSS_SELECTOR, "#image_input button[aria-label*='lear']") \
         else None
     driver.find_element(By.CSS_SELECTOR, "#image_input input[type=file]").send_keys(wall)
-    time.sleep(1)
+    # Submit once the page shows the new image (its upload has finished), however slow.
+    WebDriverWait(driver, 180, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: any(e.get_attribute("src") not in old_src for e in d.find_elements(*preview)))
     driver.find_element(By.CSS_SELECTOR, "#submit").click()
     wait.until(lambda d: "no face found" in d.find_element(By.ID, "status").text)
     driver.save_screenshot(os.path.join(shots, "demo_bad_input.png"))
