@@ -74,28 +74,33 @@ def _multihost_from_env() -> bool:
   return False
 
 
+def port_in_use(port: int) -> bool:
+  """True when a program on this host holds TCP `port` on an IPv6 or IPv4 wildcard bind,
+  as a server (the JAX coordination service binds [::]) would need it. A family this host
+  lacks is skipped."""
+  import socket
+  for family, wildcard in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+    try:
+      with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as servers bind
+        s.bind((wildcard, port))
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        return True
+  return False
+
+
 def check_coordinator(address: str, process_id: int | None) -> None:
   """Raises UserError for a coordinator address without a port, or, on process 0 (which
   runs the coordination service on that port, on every interface), for a port that some
   other program holds: the service would crash its process and the other hosts would wait
   for it until their timeout."""
-  import socket
   host, sep, port = address.rpartition(":")
   if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
     raise UserError(f"coordinator address {address!r} is not host:port")
-  if process_id != 0:
-    return
-  for family, wildcard in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
-    try:
-      with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the service binds
-        s.bind((wildcard, int(port)))
-      return
-    except OSError as e:
-      if e.errno == errno.EADDRINUSE:
-        raise UserError(f"the coordinator port {port} is in use on this host (is an earlier "
-                        "run still running?); stop it or choose another port") from None
-  # Neither family could bind for another reason: leave the diagnosis to the service.
+  if process_id == 0 and port_in_use(int(port)):
+    raise UserError(f"the coordinator port {port} is in use on this host (is an earlier "
+                    "run still running?); stop it or choose another port")
 
 
 def _maybe_initialize_distributed() -> None:
@@ -249,13 +254,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   configure_logging()
-  try:
-    _maybe_initialize_distributed()
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   from input_pipeline.records import BadInputError
   try:
+    _maybe_initialize_distributed()
     out = run(FLAGS.config, FLAGS.workdir, FLAGS.mode, input_path=FLAGS.input,
               question=FLAGS.question, export_dir=FLAGS.export_dir,
               output_dir=FLAGS.output_dir, use_saved_config=FLAGS.use_saved_config)

@@ -9,7 +9,6 @@ then crashes its process, and its peers wait for it). A port below the ephemeral
 handed out only on explicit request, so choosing one at random and checking that it binds
 on every address family leaves only a collision with another explicit pick.
 """
-import errno
 import random
 import socket
 
@@ -25,25 +24,10 @@ def _ephemeral_range() -> tuple[int, int]:
     return 32768, 60999   # the Linux default
 
 
-def _binds(port: int) -> bool:
-  """True when `port` binds on IPv4 and IPv6 wildcard addresses (the JAX coordination
-  service listens on [::])."""
-  families = [(socket.AF_INET, "0.0.0.0")]
-  if socket.has_ipv6:
-    families.append((socket.AF_INET6, "::"))
-  for family, host in families:
-    try:
-      with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, port))
-    except OSError as e:
-      if family == socket.AF_INET6 and e.errno != errno.EADDRINUSE:   # no IPv6 here
-        continue
-      return False
-  return True
-
-
 def free_port() -> int:
   """A port outside the ephemeral range that binds now (see the module docstring)."""
+  # Imported here: the emulator script imports this module without the repository on its path.
+  from emo_jax.main import port_in_use
   lo, hi = _ephemeral_range()
   candidates = (10000, lo - 1) if lo > 11000 else (hi + 1, 65535)
   if candidates[1] - candidates[0] < 1000:   # the ephemeral range spans nearly everything
@@ -53,6 +37,6 @@ def free_port() -> int:
   rng = random.SystemRandom()
   for _ in range(200):
     port = rng.randint(*candidates)
-    if _binds(port):
+    if not port_in_use(port):
       return port
   raise RuntimeError(f"no free port in {candidates} after 200 tries")

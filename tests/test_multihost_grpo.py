@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from ports import free_port
-
 from test_multihost import ROOT, TIMEOUT_S, _check, _env, run_processes
 
 # -------------------------------------------------------------------------- GRPO on 2 hosts

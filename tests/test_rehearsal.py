@@ -150,6 +150,7 @@ def test_two_host_rehearsal_kill_and_resume(tmp_path):
     procs.append(run)
     workers = [fake_root / "emo" / f"worker-{i}" for i in range(2)]
     engaged = pathlib.Path(str(hold) + ".engaged")
+
     def logs():
       return "".join(f"\n--- worker {i} log:\n" + _log(fake_root, "emo", i, "r")[-3000:]
                      for i in range(2))
